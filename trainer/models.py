@@ -1,0 +1,248 @@
+"""Loading open_clip models: hub names + tags, local checkpoint files, run-time config JSONs.
+
+Also the compact on-disk format of the embedded toy CLIP (``trainer/assets/toyclip.pt``): fp16 tensors and
+only the token-embedding rows the toy world uses, so the committed file stays a few MB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOY_MODEL_NAME = "flatprompt-toyclip"
+TOY_MODEL_CONFIG = ASSETS / f"{TOY_MODEL_NAME}.json"
+TOY_MODEL_CHECKPOINT = ASSETS / "toyclip.pt"
+COMPACT_FORMAT = "flatprompt-compact-clip/1"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How open_clip preprocesses images for this model (its ``visual.preprocess_cfg``)."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bicubic" | "bilinear"
+    resize_mode: str  # "shortest" | "longest" | "squash"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Everything needed to rebuild the frozen CLIP: stored in every checkpoint and bundle."""
+
+    name: str  # open_clip model name
+    pretrained: str | None  # hub tag, a local file path, or None (random init)
+    config_path: str | None  # JSON registered at run time, if any
+    open_clip_version: str
+    weights_sha256: str | None  # of the local checkpoint file, when there is one
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedClip:
+    model: torch.nn.Module  # open_clip.CLIP, frozen and in eval mode
+    identity: ModelIdentity
+    preprocess: PreprocessSpec
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def register_model_config(path: str | os.PathLike[str]) -> str:
+    """Register an open_clip model config JSON at run time; returns the model name (the file stem)."""
+    import open_clip
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model config {p} does not exist: pass the path of an open_clip model JSON")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"model config {p} is not valid JSON ({e}): fix or regenerate the file") from e
+    missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(cfg)
+    if missing:
+        raise UserError(f"model config {p} lacks {sorted(missing)}: an open_clip config needs all three")
+    open_clip.add_model_config(p)
+    return p.stem
+
+
+def ensure_toy_model_registered() -> None:
+    """The toy CLIP's config ships with the package; register it so its name resolves anywhere."""
+    import open_clip
+
+    if TOY_MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(TOY_MODEL_CONFIG)
+
+
+def preprocess_spec(model: torch.nn.Module) -> PreprocessSpec:
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    size = cfg.get("size", model.visual.image_size)
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise UserError(f"non-square image size {size} is not supported: use a model with square input")
+        size = size[0]
+    return PreprocessSpec(
+        image_size=int(size),
+        mean=tuple(float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),  # type: ignore[arg-type]
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        resize_mode=str(cfg.get("resize_mode", "shortest")),
+    )
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain open_clip checkpoint, a {'state_dict': ...} wrapper, or the compact toy format."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise UserError(
+            f"checkpoint {path} could not be read ({type(e).__name__}: {str(e)[:120]}): "
+            "the file is corrupt or not a torch checkpoint; download or export it again"
+        ) from e
+    if isinstance(obj, dict) and obj.get("format") == COMPACT_FORMAT:
+        return expand_compact_state_dict(obj)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} holds no state dict: pass an open_clip weights file")
+    # strip DDP prefixes
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_clip(
+    name: str,
+    pretrained: str | None = None,
+    config_path: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedClip:
+    """Build an open_clip model, load its weights, freeze it and put it in eval mode.
+
+    Args:
+        name: open_clip model name (``ViT-B-16``) or the stem of ``config_path``.
+        pretrained: an open_clip hub tag (``openai``, ``laion2b_s34b_b88k``; needs internet), a local
+            checkpoint file, or None for random init.
+        config_path: an open_clip model JSON to register first (its stem must equal ``name``).
+        device: where to put the model.
+    """
+    import open_clip
+
+    ensure_toy_model_registered()
+    if config_path:
+        registered = register_model_config(config_path)
+        if registered != name:
+            raise UserError(
+                f"model config {config_path} registers model '{registered}', not '{name}': "
+                "set model.name to the file's stem"
+            )
+    if name not in open_clip.list_models():
+        raise UserError(
+            f"unknown open_clip model '{name}': use one of open_clip.list_models() "
+            f"(e.g. ViT-B-16, {TOY_MODEL_NAME}) or pass model.config_path with its JSON"
+        )
+    sha = None
+    if pretrained and (_looks_like_path(pretrained) or Path(pretrained).exists()):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} does not exist: fix model.pretrained or train/download it first")
+        model = open_clip.create_model(name, pretrained=None)
+        state = _read_state_dict(path)
+        if model.logit_bias is None:
+            state.pop("logit_bias", None)
+        if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise UserError(
+                f"checkpoint {path} does not fit model '{name}' (missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}): pass the model name it was trained with"
+            )
+        sha = file_sha256(path)
+    else:
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained or None)
+        except RuntimeError as e:
+            raise UserError(
+                f"could not load pretrained weights '{pretrained}' for '{name}' ({str(e)[:160]}): "
+                "check the tag with open_clip.list_pretrained(), or pass a local checkpoint file"
+            ) from e
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    identity = ModelIdentity(
+        name=name,
+        pretrained=pretrained,
+        config_path=str(config_path) if config_path else None,
+        open_clip_version=open_clip.__version__,
+        weights_sha256=sha,
+    )
+    return LoadedClip(model=model, identity=identity, preprocess=preprocess_spec(model))
+
+
+def load_toy_clip(device: str | torch.device = "cpu") -> LoadedClip:
+    """The embedded default: the toy CLIP pretrained on the toy world (no downloads)."""
+    if not TOY_MODEL_CHECKPOINT.is_file():
+        raise UserError(
+            f"the toy CLIP checkpoint {TOY_MODEL_CHECKPOINT} is missing: run "
+            "`python -m trainer pretrain-toy` to rebuild it"
+        )
+    return load_clip(TOY_MODEL_NAME, pretrained=str(TOY_MODEL_CHECKPOINT), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compact format
+
+
+def save_compact_clip(
+    model: torch.nn.Module, path: str | os.PathLike[str], used_token_ids: list[int], meta: dict[str, Any]
+) -> None:
+    """Save fp16 weights and only the token-embedding rows in ``used_token_ids`` (the rest load as zeros)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    emb = state.pop("token_embedding.weight")
+    ids = torch.tensor(sorted(set(used_token_ids)), dtype=torch.long)
+    obj = {
+        "format": COMPACT_FORMAT,
+        "meta": meta,
+        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+        "token_rows": ids,
+        "token_values": emb[ids].half(),
+        "vocab_size": emb.shape[0],
+    }
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def expand_compact_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+    values = obj["token_values"].float()
+    emb = torch.zeros(int(obj["vocab_size"]), values.shape[1])
+    emb[obj["token_rows"]] = values
+    state["token_embedding.weight"] = emb
+    return state
