@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,9 @@ def load_clip(
     if pretrained and (_looks_like_path(pretrained) or Path(pretrained).exists()):
         path = Path(pretrained)
         if not path.is_file():
-            raise UserError(f"checkpoint {path} does not exist: fix model.pretrained or train/download it first")
+            raise UserError(
+                f"checkpoint {path} does not exist: fix model.pretrained or train/download it first"
+            )
         model = open_clip.create_model(name, pretrained=None)
         state = _read_state_dict(path)
         if model.logit_bias is None:
@@ -212,7 +214,10 @@ def load_toy_clip(device: str | torch.device = "cpu") -> LoadedClip:
             f"the toy CLIP checkpoint {TOY_MODEL_CHECKPOINT} is missing: run "
             "`python -m trainer pretrain-toy` to rebuild it"
         )
-    return load_clip(TOY_MODEL_NAME, pretrained=str(TOY_MODEL_CHECKPOINT), device=device)
+    loaded = load_clip(TOY_MODEL_NAME, pretrained=str(TOY_MODEL_CHECKPOINT), device=device)
+    # the packaged checkpoint is identified by name (pretrained=None) and hash, not by a machine's path
+    loaded.identity = replace(loaded.identity, pretrained=None)
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------

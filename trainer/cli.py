@@ -1,0 +1,170 @@
+"""``python -m trainer`` / ``flatprompt-train``: fit, evaluate, pretrain-toy.
+
+Errors a user can cause end as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from trainer.errors import EXIT_USER_ERROR, UserError
+
+_logger = logging.getLogger("trainer")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _fmt(v: float | None) -> str:
+    return "   -  " if v is None else f"{100 * v:6.2f}"
+
+
+def format_table(rows: dict[str, dict[str, float | None] | None]) -> str:
+    """A small accuracy table (percent): one row per setting."""
+    cols = ["base_top1", "many", "medium", "few", "novel", "hm"]
+    head = f"{'':<12}" + "".join(f"{c:>10}" for c in cols)
+    lines = [head]
+    for name, h in rows.items():
+        if h is None:
+            continue
+        lines.append(f"{name:<12}" + "".join(f"{_fmt(h.get(c)):>10}" for c in cols))
+    return "\n".join(lines)
+
+
+def _cmd_fit(ns: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.runner import fit
+
+    overrides = list(ns.set or [])
+    if ns.out:
+        overrides.append(f"train.out_dir={ns.out}")
+    cfg = load_config(ns.config, overrides)
+    result = fit(cfg, progress=not ns.no_progress)
+    print(f"run: {result.out_dir}")
+    print(format_table({"zero-shot": result.zero_shot, "tuned": result.final}))
+    return 0
+
+
+def _cmd_evaluate(ns: argparse.Namespace) -> int:
+    import torch
+
+    from trainer.checkpoint import load_prompted
+    from trainer.config import RunConfig, load_config
+    from trainer.distributed import DistInfo, resolve_device
+    from trainer.metrics import ShotThresholds
+    from trainer.prompts import PromptedCLIP
+    from trainer.runner import build_model, build_task, evaluate_task, headline
+
+    device = resolve_device(ns.device, DistInfo())
+    if ns.checkpoint:
+        run = load_prompted(ns.checkpoint, device)
+        cfg = RunConfig.model_validate(run.config)
+        if ns.set:
+            cfg = load_config(None, [*_flatten(cfg.model_dump()), *ns.set])
+        model = run.model
+        from trainer.models import preprocess_spec
+
+        spec = preprocess_spec(model.clip)
+        name = "tuned"
+    else:
+        cfg = load_config(ns.config, ns.set)
+        tuned = build_model(cfg, device)
+        model = PromptedCLIP(tuned.clip, tuned.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
+        spec = tuned.preprocess_spec  # type: ignore[assignment]
+        name = "zero-shot"
+    task = build_task(cfg.data)
+    with torch.no_grad():
+        result = evaluate_task(
+            model,
+            task,
+            spec,
+            device,
+            batch_size=cfg.data.eval_batch_size,
+            thresholds=ShotThresholds(cfg.eval.many_above, cfg.eval.few_below),
+            progress=not ns.no_progress,
+        )
+    h = headline(result)
+    print(format_table({name: h}))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append(f"{key}={json.dumps(v)}")
+    return out
+
+
+def _cmd_pretrain_toy(ns: argparse.Namespace, rest: list[str]) -> int:
+    from trainer.toyworld.pretrain import main as pretrain_main
+
+    return pretrain_main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train prompts (default: the embedded toy world)")
+    fit.add_argument("-c", "--config", help="YAML run config (see recipes/)")
+    fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.name=gnm")
+    fit.add_argument("--out", help="run directory (train.out_dir)")
+    fit.add_argument("--no-progress", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint, or the zero-shot model of a config")
+    ev.add_argument("--checkpoint", help="RUN_DIR/checkpoint.pt (omit for zero-shot)")
+    ev.add_argument("-c", "--config", help="YAML run config (zero-shot only)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", help="write the full evaluation here")
+    ev.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser(
+        "pretrain-toy", help="pretrain the toy CLIP on the toy world (see --help of it)", add_help=False
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    setup_logging(ns.log_level)
+    try:
+        if ns.command == "pretrain-toy":
+            return _cmd_pretrain_toy(ns, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if ns.command == "fit":
+            return _cmd_fit(ns)
+        if ns.command == "evaluate":
+            return _cmd_evaluate(ns)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {ns.command}")
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

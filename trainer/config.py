@@ -1,0 +1,170 @@
+"""Typed run configuration: the only place where YAML and command-line overrides are parsed.
+
+Everything below the CLI receives plain typed arguments taken from these models, never the models
+themselves. Unknown fields and bad values are refused with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "flatprompt-toyclip"  # open_clip model name (ViT-B-16, ...) or a registered config's stem
+    pretrained: str | None = None  # hub tag (openai, laion2b_s34b_b88k), a local file; toy: the packaged one
+    config_path: str | None = None  # open_clip model JSON registered at run time
+
+
+class PromptConfig(_Strict):
+    n_ctx: int = Field(4, ge=0, le=64)  # CoOp context vectors M (0: hand-written template only)
+    ctx_init: str | None = "a photo of a"  # phrase to initialise ctx from; null = random N(0, 0.02^2)
+    vpt_length: int = Field(4, ge=0, le=200)  # visual prompt tokens per prompted block (0: off)
+    vpt_deep: bool = True  # prompts before every block (deep) or only the first (shallow)
+    template: str = "a photo of a {}."  # used for zero-shot evaluation and when n_ctx = 0
+
+
+class DataConfig(_Strict):
+    kind: Literal["toy", "cifar100", "cifar100_lt", "splitfile", "imagefolder"] = "toy"
+    root: str | None = None  # dataset root (not used by the toy world)
+    imbalance: float = Field(100.0, ge=1.0)  # imbalance factor of the long-tail profile (1 = balanced)
+    n_max: int | None = Field(None, ge=1)  # head-class count of the profile (dataset default when null)
+    shots: int | None = Field(None, ge=1)  # K-shot sampling per class (null = all)
+    base_to_novel: bool = False  # CoCoOp split: train on the first half of the classes
+    train_file: str | None = None  # split files (ImageNet-LT / Places-LT / iNat format)
+    test_file: str | None = None
+    names_file: str | None = None
+    seed: int = 0  # seed of the profile / few-shot sampling / toy world
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(0, ge=0)
+    augment: bool = True  # random resized crop + horizontal flip on training images
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw", "sam", "asam", "gnm", "gcsam"] = "sgd"
+    base: Literal["sgd", "adamw"] = "sgd"  # base optimizer of sam/asam/gnm/gcsam
+    lr: float = Field(0.002, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    rho: float | None = Field(
+        None, ge=0
+    )  # null: the optimizer's default (sam 0.05, asam 0.5, gnm 0.05, gcsam 0.1)
+    kappa: float = Field(0.1, ge=0)  # GNM noise multiplier
+    sigma: float = Field(1 / 3, gt=0)  # GNM base std
+    clip_sigmas: float = Field(3.0, gt=0)  # GNM clamp at this many sigmas
+    noise_decay: float = Field(0.5, gt=0, le=1)  # GNM noise factor from the re-weighting epoch on
+    beta1: float = 0.5  # GCSAM lower cosine bound
+    beta2: float = 0.8  # GCSAM upper cosine bound
+    granularity: Literal["tensor", "global"] = "tensor"  # GCSAM cosine per tensor or over all
+    grad_clip: float | None = Field(None, gt=0)  # max global grad norm, on the final gradient only
+    accumulation: int = Field(1, ge=1)  # gradient accumulation micro-steps (one-pass optimizers only)
+
+
+class ReweightConfig(_Strict):
+    name: Literal["none", "drw", "logit_adjust"] = "none"
+    beta: float = Field(0.9999, ge=0, lt=1)  # DRW effective-number beta
+    start_epoch: int | None = Field(None, ge=0)  # DRW switch (0-indexed); null = 80% of the epochs
+    tau: float = Field(1.0, ge=0)  # logit adjustment temperature
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine to 0 (per step)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the prompted model (CUDA only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    out_dir: str = "runs/toy"
+    eval_every: int = Field(1, ge=1)  # epochs between evaluations
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+
+
+class EvalConfig(_Strict):
+    many_above: int = 100  # many-shot: train count > this (LIFT)
+    few_below: int = 20  # few-shot: train count < this (LIFT)
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    prompt: PromptConfig = PromptConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    reweight: ReweightConfig = ReweightConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.optim.accumulation > 1 and self.optim.name in ("sam", "asam", "gcsam"):
+            raise ValueError(
+                f"optim.accumulation={self.optim.accumulation} does not compose with two-pass optimizer "
+                f"'{self.optim.name}' (each micro-batch would need its own ascent step): set it to 1"
+            )
+        if self.prompt.n_ctx == 0 and self.prompt.vpt_length == 0:
+            raise ValueError("nothing to train: set prompt.n_ctx > 0 and/or prompt.vpt_length > 0")
+        return self
+
+    def drw_epoch(self) -> int:
+        """The 0-indexed epoch at which re-weighting (and GNM's noise decay) switches on."""
+        if self.reweight.start_epoch is not None:
+            return self.reweight.start_epoch
+        return int(0.8 * self.train.epochs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _format_validation(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"invalid config ({source}): " + "; ".join(parts) + " - fix the value or remove the field"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist: pass a YAML file (see recipes/)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {p} must hold a mapping of sections (model:, data:, ...)")
+        tree = loaded
+        source = str(p)
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like section.field=value (e.g. train.epochs=3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_validation(e, source)) from e

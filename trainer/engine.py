@@ -1,0 +1,239 @@
+"""The training step, one epoch, and prediction. Plain typed arguments only.
+
+One ``train_step`` serves every optimizer:
+
+- plain (sgd / adamw): forward, backward, [unscale], clip, step.
+- one pass with a perturbation (GNM): ``first_step()`` perturbs theta *before* the forward; forward and
+  backward at theta + eps; [unscale]; ``restore()`` copies theta back; clip; base step.
+- two passes (SAM / ASAM / GCSAM): forward and backward at theta (under DDP ``no_sync``: each rank forms its
+  own ascent direction, as in the SAM paper's per-accelerator epsilon); ``first_step(grad_scale=S)`` builds
+  eps from the *unscaled* gradient g / S and perturbs; forward and backward at theta + eps (synchronised,
+  except for GCSAM whose cosine rule runs per rank on local gradients, after which the engine all-reduces
+  the final gradient itself); [unscale]; ``restore()``; clip; base step.
+
+AMP order with a GradScaler (fp16): every backward runs on ``scaler.scale(loss)``; pass-1 gradients are
+checked for inf/NaN (a skipped step halves the scale and leaves theta untouched); after the final backward
+``scaler.unscale_(base)`` runs *before* ``restore()`` (GCSAM mixes g0 and g1, both must be unscaled) and
+before clipping; ``scaler.step(base)`` then skips the update on inf/NaN, and theta has already been
+restored either way; ``scaler.update()`` last. Gradient clipping acts on the final gradient only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from trainer.distributed import all_reduce_mean_
+from trainer.optim import SharpnessOptimizer
+from trainer.prompts import PromptedCLIP
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+AutocastFactory = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+@dataclass
+class StepOutput:
+    loss: float  # mean loss of the (first) forward pass
+    correct: int
+    count: int
+    skipped: bool = False  # the GradScaler found inf/NaN and skipped the update
+
+
+def autocast_factory(device: torch.device, precision: str) -> AutocastFactory:
+    """bf16 / fp16 autocast on the given device, or a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def factory() -> contextlib.AbstractContextManager[None]:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    return factory
+
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: list[Batch],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: AutocastFactory = contextlib.nullcontext,
+    grad_clip: float | None = None,
+) -> StepOutput:
+    """One optimizer step over one or more micro-batches (gradient accumulation: one-pass optimizers only).
+
+    ``model`` maps images to logits (a :class:`PromptedCLIP`, possibly wrapped in DDP).
+    """
+    sharp = isinstance(optimizer, SharpnessOptimizer)
+    passes = optimizer.passes if sharp else 1
+    if passes == 2 and len(micro_batches) != 1:
+        raise ValueError(
+            f"gradient accumulation ({len(micro_batches)} micro-batches) is not supported with the two-pass "
+            f"optimizer {type(optimizer).__name__}: use accumulation 1"
+        )
+    base = optimizer.base_optimizer if sharp else optimizer
+    params = [p for g in base.param_groups for p in g["params"] if p.requires_grad]
+    is_ddp = isinstance(model, DDP)
+    k = len(micro_batches)
+
+    def forward_backward(images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[float, int]:
+        ctx = model.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+        with ctx:
+            with autocast():
+                logits = model(images)
+            loss = loss_fn(logits.float(), labels) / k
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        correct = int((logits.detach().argmax(-1) == labels).sum())
+        return float(loss.detach()) * k, correct
+
+    optimizer.zero_grad(set_to_none=True)
+    if sharp and optimizer.perturb_before_forward:
+        optimizer.first_step()  # GNM: theta <- theta + eps before the only forward
+
+    losses, correct, count = [], 0, 0
+    if passes == 2:
+        images, labels = micro_batches[0]
+        loss, correct = forward_backward(images, labels, sync=False)
+        losses.append(loss)
+        count = len(labels)
+        assert sharp
+        if scaler is not None and not _grads_finite(params):
+            # fp16 overflow in the ascent pass: nothing was perturbed; skip like GradScaler would
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            return StepOutput(loss, correct, count, skipped=True)
+        optimizer.first_step(zero_grad=True, grad_scale=scaler.get_scale() if scaler is not None else 1.0)
+        forward_backward(images, labels, sync=not optimizer.local_final_grad)
+    else:
+        for i, (images, labels) in enumerate(micro_batches):
+            loss, c = forward_backward(images, labels, sync=(i == k - 1))
+            losses.append(loss)
+            correct += c
+            count += len(labels)
+
+    if scaler is not None:
+        scaler.unscale_(base)
+    if sharp:
+        optimizer.restore()  # exact copy of theta_old; GCSAM writes its constrained gradient here
+        if optimizer.local_final_grad and is_ddp:
+            all_reduce_mean_([p.grad for p in params if p.grad is not None])
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    skipped = False
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(base)
+        scaler.update()
+        skipped = scaler.get_scale() < scale_before
+    else:
+        base.step()
+    return StepOutput(float(np.mean(losses)), correct, count, skipped)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _chunks(it: Iterable[Batch], k: int) -> Iterator[list[Batch]]:
+    group: list[Batch] = []
+    for b in it:
+        group.append(b)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    steps: int
+    skipped: int
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: AutocastFactory = contextlib.nullcontext,
+    grad_clip: float | None = None,
+    accumulation: int = 1,
+    progress: bool = True,
+    description: str = "train",
+) -> EpochStats:
+    model.train()
+    total_loss, total_correct, total_count, steps, skipped = 0.0, 0, 0, 0, 0
+    bar = tqdm(_chunks(loader, accumulation), desc=description, disable=not progress, leave=False)
+    for group in bar:
+        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in group]
+        out = train_step(
+            model, batches, loss_fn, optimizer, scaler=scaler, autocast=autocast, grad_clip=grad_clip
+        )
+        scheduler.step()
+        total_loss += out.loss * out.count
+        total_correct += out.correct
+        total_count += out.count
+        steps += 1
+        skipped += int(out.skipped)
+        bar.set_postfix(loss=f"{out.loss:.3f}")
+    return EpochStats(
+        loss=total_loss / max(1, total_count),
+        accuracy=total_correct / max(1, total_count),
+        steps=steps,
+        skipped=skipped,
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: PromptedCLIP,
+    loader: Iterable[Batch],
+    class_names: list[str],
+    device: torch.device,
+    *,
+    autocast: AutocastFactory = contextlib.nullcontext,
+    progress: bool = True,
+    description: str = "eval",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities [N, C] over ``class_names`` and the targets [N]."""
+    model.eval()
+    with autocast():
+        text = model.encode_names(class_names)  # [C, E]
+    probs, targets = [], []
+    for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False):
+        with autocast():
+            logits = model.logits(model.encode_image(images.to(device)), text)
+        probs.append(logits.float().softmax(-1).cpu().numpy())
+        targets.append(labels.numpy())
+    return np.concatenate(probs), np.concatenate(targets)

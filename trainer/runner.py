@@ -1,0 +1,426 @@
+"""Orchestration at the edge: turn a :class:`RunConfig` into builders' typed arguments, train, evaluate.
+
+``fit`` writes into ``train.out_dir``: ``checkpoint.pt`` (latest, atomic), ``metrics.jsonl`` (one line per
+epoch), ``summary.json`` (final evaluation), ``config.yaml`` (the resolved config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from trainer import distributed as dist_utils
+from trainer.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, atomic_torch_save, read_checkpoint
+from trainer.config import DataConfig, RunConfig
+from trainer.data.base import LabelledImages, TaskData, Transformed
+from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_cosine
+from trainer.errors import UserError
+from trainer.metrics import ShotThresholds, classification_report, harmonic_mean
+from trainer.models import PreprocessSpec, load_clip, load_toy_clip
+from trainer.optim import GNM, build_optimizer
+from trainer.prompts import PromptedCLIP
+from trainer.reweight import build_loss
+
+_logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+
+def build_task(data: DataConfig) -> TaskData:
+    """The dataset named by the config, as train / test / novel-test sets."""
+    if data.kind == "toy":
+        from trainer.toyworld.task import toy_task
+
+        kwargs: dict[str, Any] = {"seed": data.seed, "imbalance": data.imbalance}
+        if data.n_max is not None:
+            kwargs["n_max"] = data.n_max
+        return toy_task(**kwargs)
+    from trainer.data.registry import build_task as build_dataset_task
+
+    if data.root is None:
+        raise UserError(f"data.root is required for data.kind={data.kind}: set it to the dataset folder")
+    return build_dataset_task(
+        data.kind,
+        data.root,
+        imbalance=data.imbalance,
+        n_max=data.n_max,
+        shots=data.shots,
+        base_to_novel=data.base_to_novel,
+        seed=data.seed,
+        train_file=data.train_file,
+        test_file=data.test_file,
+        names_file=data.names_file,
+    )
+
+
+def build_transform(spec: PreprocessSpec, train: bool) -> Any:
+    """open_clip's own eval transform (and its light train augmentation) for the model's preprocess cfg."""
+    import open_clip
+
+    return open_clip.image_transform(
+        spec.image_size,
+        is_train=train,
+        mean=spec.mean,
+        std=spec.std,
+        resize_mode=spec.resize_mode,
+        interpolation=spec.interpolation,
+    )
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> PromptedCLIP:
+    import open_clip
+
+    m = cfg.model
+    if m.name == "flatprompt-toyclip" and m.pretrained is None:
+        loaded = load_toy_clip(device)
+    else:
+        loaded = load_clip(m.name, m.pretrained, m.config_path, device)
+    p = cfg.prompt
+    model = PromptedCLIP(
+        loaded.model,
+        open_clip.get_tokenizer(loaded.identity.name),
+        n_ctx=p.n_ctx,
+        ctx_init=p.ctx_init,
+        vpt_length=p.vpt_length,
+        vpt_deep=p.vpt_deep,
+        template=p.template,
+    ).to(device)
+    model.identity = loaded.identity  # type: ignore[assignment]
+    model.preprocess_spec = loaded.preprocess  # type: ignore[assignment]
+    return model
+
+
+def _eval_loader(ds: LabelledImages, spec: PreprocessSpec, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(
+        Transformed(ds, build_transform(spec, train=False)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_task(
+    model: PromptedCLIP,
+    task: TaskData,
+    spec: PreprocessSpec,
+    device: torch.device,
+    *,
+    batch_size: int,
+    thresholds: ShotThresholds,
+    workers: int = 0,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Base-class report (top1, per-class, many / medium / few), novel-class report, harmonic mean."""
+    autocast = autocast_factory(device, precision)
+    counts = task.train_counts
+    probs, targets = predict(
+        model,
+        _eval_loader(task.test, spec, batch_size, workers),
+        task.class_names,
+        device,
+        autocast=autocast,
+        progress=progress,
+        description="eval base",
+    )
+    base = classification_report(probs.argmax(1), targets, counts, thresholds)
+    result: dict[str, Any] = {
+        "base": base,
+        "thresholds": {
+            "many_above": thresholds.many_above,
+            "few_below": thresholds.few_below,
+            "rule": "LIFT: many > 100, medium 20..100, few < 20"
+            if thresholds == ShotThresholds()
+            else "custom",
+        },
+    }
+    if task.novel_test is not None:
+        nprobs, ntargets = predict(
+            model,
+            _eval_loader(task.novel_test, spec, batch_size, workers),
+            task.novel_test.class_names,
+            device,
+            autocast=autocast,
+            progress=progress,
+            description="eval novel",
+        )
+        novel = classification_report(
+            nprobs.argmax(1), ntargets, [0] * task.novel_test.num_classes, thresholds
+        )
+        result["novel"] = {
+            "top1": novel["top1"],
+            "mean_per_class": novel["mean_per_class"],
+            "per_class": novel["per_class"],
+        }
+        result["hm"] = harmonic_mean(float(base["mean_per_class"]), float(novel["mean_per_class"]))  # type: ignore[arg-type]
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers people compare: overall, many / medium / few, novel, HM."""
+    b = result["base"]
+    out: dict[str, float | None] = {
+        "base_top1": b["top1"],
+        "base_mean_per_class": b["mean_per_class"],
+        "many": b["many"],
+        "medium": b["medium"],
+        "few": b["few"],
+    }
+    if "novel" in result:
+        out["novel"] = result["novel"]["mean_per_class"]
+        out["hm"] = result["hm"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- fit
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    zero_shot: dict[str, float | None] | None
+    final: dict[str, float | None]
+
+
+def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
+    """Train prompts as configured; resumes from ``out_dir/checkpoint.pt`` when present and allowed."""
+    requested = dist_utils.resolve_device(cfg.train.device, dist_utils.world_info_from_env())
+    info = dist_utils.init_distributed(requested)
+    device = requested
+    out = Path(cfg.train.out_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    progress = progress and info.is_main
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision in ("bf16", "fp16") and device.type == "cpu":
+        _logger.warning("precision=%s on CPU is slow and approximate; fp32 is recommended there", precision)
+    _seed_everything(cfg.train.seed)
+
+    task = build_task(cfg.data)
+    counts = task.train_counts
+    if min(counts) == 0:
+        empty = [task.class_names[i] for i, c in enumerate(counts) if c == 0][:5]
+        raise UserError(f"classes with no training images: {empty}: fix the data or the long-tail profile")
+    model = build_model(cfg, device)
+    model.set_class_names(task.class_names)
+    spec: PreprocessSpec = model.preprocess_spec  # type: ignore[assignment]
+    thresholds = ShotThresholds(cfg.eval.many_above, cfg.eval.few_below)
+
+    train_ds = Transformed(task.train, build_transform(spec, train=cfg.data.augment))
+    sampler: torch.utils.data.Sampler[int]
+    generator = torch.Generator()
+    if info.enabled:
+        sampler = DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=cfg.train.seed)
+    else:
+        sampler = RandomSampler(train_ds, generator=generator)
+    loader = DataLoader(
+        train_ds,
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        drop_last=len(train_ds) > cfg.data.batch_size * max(1, info.world_size),
+        pin_memory=device.type == "cuda",
+    )
+
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        params,
+        o.name,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        base=o.base,
+        rho=o.rho,
+        kappa=o.kappa,
+        sigma=o.sigma,
+        clip_sigmas=o.clip_sigmas,
+        beta1=o.beta1,
+        beta2=o.beta2,
+        granularity=o.granularity,
+        seed=cfg.train.seed * 1000 + info.rank,  # GNM: noise seeded per rank
+    )
+    base_opt = getattr(optimizer, "base_optimizer", optimizer)
+    steps_per_epoch = max(1, len(loader) // o.accumulation)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        base_opt, warmup_cosine(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
+    )
+    drw_epoch = cfg.drw_epoch()
+    loss_fn = build_loss(
+        cfg.reweight.name, counts, beta=cfg.reweight.beta, start_epoch=drw_epoch, tau=cfg.reweight.tau
+    ).to(device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    autocast = autocast_factory(device, precision)
+
+    start_epoch = 0
+    ckpt_path = out / CHECKPOINT_NAME
+    zero_shot: dict[str, float | None] | None = None
+    if cfg.train.resume and ckpt_path.exists():
+        ckpt = read_checkpoint(ckpt_path)
+        model.load_trainable_state_dict(ckpt["prompt_state"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"])
+        zero_shot = ckpt.get("zero_shot")
+        _logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    elif info.is_main:
+        zs_model = PromptedCLIP(model.clip, model.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
+        zero_shot = headline(
+            evaluate_task(
+                zs_model,
+                task,
+                spec,
+                device,
+                batch_size=cfg.data.eval_batch_size,
+                thresholds=thresholds,
+                workers=cfg.data.num_workers,
+                progress=progress,
+                precision=precision,
+            )
+        )
+        _logger.info("zero-shot: %s", _fmt(zero_shot))
+
+    train_model: torch.nn.Module = model
+    if cfg.train.compile and device.type == "cuda":
+        train_model = torch.compile(model)  # type: ignore[assignment]
+    if info.enabled:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    metrics_path = out / "metrics.jsonl"
+    last_eval: dict[str, Any] | None = None
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.time()
+        # per-epoch seeding makes an epoch-boundary resume reproduce the uninterrupted run exactly
+        torch.manual_seed(cfg.train.seed * 7919 + epoch * 31 + info.rank)
+        generator.manual_seed(cfg.train.seed * 1000 + epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        loss_fn.set_epoch(epoch)
+        if isinstance(optimizer, GNM):
+            optimizer.set_noise_factor(o.noise_decay if epoch >= drw_epoch else 1.0)
+        stats = train_one_epoch(
+            train_model,
+            loader,
+            loss_fn,
+            optimizer,
+            scheduler,
+            device,
+            scaler=scaler,
+            autocast=autocast,
+            grad_clip=o.grad_clip,
+            accumulation=o.accumulation,
+            progress=progress,
+            description=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        )
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss,
+            "train_acc": stats.accuracy,
+            "lr": base_opt.param_groups[0]["lr"],
+            "reweight_active": bool(getattr(loss_fn, "active", False)),
+            "noise_factor": optimizer.noise_factor if isinstance(optimizer, GNM) else None,
+            "skipped_steps": stats.skipped,
+            "seconds": round(time.time() - t0, 3),
+        }
+        is_last = epoch + 1 == cfg.train.epochs
+        if info.is_main and ((epoch + 1) % cfg.train.eval_every == 0 or is_last):
+            last_eval = evaluate_task(
+                model,
+                task,
+                spec,
+                device,
+                batch_size=cfg.data.eval_batch_size,
+                thresholds=thresholds,
+                workers=cfg.data.num_workers,
+                progress=progress,
+                precision=precision,
+            )
+            record["eval"] = headline(last_eval)
+        if info.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            _logger.info(
+                "epoch %d: loss %.4f acc %.3f %s",
+                epoch + 1,
+                stats.loss,
+                stats.accuracy,
+                _fmt(record.get("eval")),
+            )
+            atomic_torch_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": cfg.model_dump(),
+                    "identity": model.identity.to_dict(),  # type: ignore[operator]
+                    "prompt_spec": model.spec(),
+                    "prompt_state": model.trainable_state_dict(),
+                    "class_names": task.class_names,
+                    "class_counts": counts,
+                    "novel_class_names": task.novel_test.class_names if task.novel_test else [],
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "epoch": epoch + 1,
+                    "zero_shot": zero_shot,
+                    "eval": last_eval,
+                },
+                ckpt_path,
+            )
+        dist_utils.barrier()
+
+    if last_eval is None and info.is_main:  # resumed a finished run: evaluate what is there
+        last_eval = evaluate_task(
+            model,
+            task,
+            spec,
+            device,
+            batch_size=cfg.data.eval_batch_size,
+            thresholds=thresholds,
+            progress=progress,
+            precision=precision,
+        )
+    final = headline(last_eval) if last_eval is not None else {}
+    if info.is_main and last_eval is not None:
+        summary = {
+            "zero_shot": zero_shot,
+            "final": final,
+            "eval": last_eval,
+            "class_names": task.class_names,
+            "class_counts": counts,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    dist_utils.cleanup()
+    return FitResult(out, zero_shot, final)
+
+
+def _fmt(h: dict[str, Any] | None) -> str:
+    if not h:
+        return ""
+    return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in h.items())
