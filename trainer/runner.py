@@ -221,12 +221,12 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         _logger.warning("precision=%s on CPU is slow and approximate; fp32 is recommended there", precision)
     _seed_everything(cfg.train.seed)
 
+    model = build_model(cfg, device)  # first: a bad model name or checkpoint fails before any data work
     task = build_task(cfg.data)
     counts = task.train_counts
     if min(counts) == 0:
         empty = [task.class_names[i] for i, c in enumerate(counts) if c == 0][:5]
         raise UserError(f"classes with no training images: {empty}: fix the data or the long-tail profile")
-    model = build_model(cfg, device)
     model.set_class_names(task.class_names)
     spec: PreprocessSpec = model.preprocess_spec  # type: ignore[assignment]
     thresholds = ShotThresholds(cfg.eval.many_above, cfg.eval.few_below)

@@ -1,0 +1,229 @@
+"""The training step, fit / resume / crash safety, AMP order, and DDP with two gloo processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_CONFIG, TINY_NAME
+from tests.synthetic import synthetic_task
+from trainer import runner
+from trainer.checkpoint import load_prompted, read_checkpoint
+from trainer.config import load_config
+from trainer.engine import train_step, warmup_cosine
+from trainer.errors import UserError
+from trainer.optim import build_optimizer
+from trainer.prompts import PromptedCLIP
+from trainer.reweight import build_loss
+
+OPTIMIZERS = ["sgd", "adamw", "sam", "asam", "gnm", "gcsam"]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"model.name={TINY_NAME}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.epochs=2",
+            "data.batch_size=4",
+            "prompt.vpt_length=2",
+            "prompt.ctx_init=null",
+            "optim.lr=0.05",
+            "train.device=cpu",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture
+def synthetic(monkeypatch, tiny_clip):
+    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+
+
+def _prompted(tiny_clip, tiny_tokenizer, seed=0):
+    torch.manual_seed(seed)
+    m = PromptedCLIP(tiny_clip.model, tiny_tokenizer, n_ctx=2, ctx_init=None, vpt_length=2)
+    m.set_class_names(["red", "green", "blue"])
+    return m
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_power_of_two_loss_scale_changes_nothing(tiny_clip, tiny_tokenizer, name):
+    """scale -> backward -> (first_step with g / S) -> unscale -> restore -> step equals the fp32 step."""
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        m = _prompted(tiny_clip, tiny_tokenizer)
+        opt = build_optimizer(
+            [p for p in m.parameters() if p.requires_grad], name, lr=0.1, weight_decay=0.0, seed=0
+        )
+        loss_fn = build_loss("none", [2, 2, 2], start_epoch=0)
+        for step in range(2):
+            train_step(m, [_batch(step)], loss_fn, opt, scaler=scaler)
+        results.append(m.trainable_state_dict())
+    for key in results[0]:
+        assert torch.allclose(results[0][key], results[1][key], atol=1e-6, rtol=1e-5), key
+
+
+@pytest.mark.parametrize("name", ["sgd", "sam", "gnm", "gcsam"])
+def test_overflowing_scale_skips_step_and_restores(tiny_clip, tiny_tokenizer, name):
+    m = _prompted(tiny_clip, tiny_tokenizer)
+    before = m.trainable_state_dict()
+    opt = build_optimizer(
+        [p for p in m.parameters() if p.requires_grad], name, lr=0.1, weight_decay=0.0, seed=0
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    out = train_step(m, [_batch()], build_loss("none", [2, 2, 2], start_epoch=0), opt, scaler=scaler)
+    assert out.skipped
+    assert scaler.get_scale() < 2.0**127
+    for key, value in m.trainable_state_dict().items():
+        assert torch.equal(value, before[key]), key  # theta restored exactly, no update
+
+
+def test_two_pass_refuses_accumulation(tiny_clip, tiny_tokenizer):
+    m = _prompted(tiny_clip, tiny_tokenizer)
+    opt = build_optimizer([p for p in m.parameters() if p.requires_grad], "sam", lr=0.1, weight_decay=0.0)
+    with pytest.raises(ValueError, match="accumulation"):
+        train_step(m, [_batch(0), _batch(1)], build_loss("none", [2, 2, 2], start_epoch=0), opt)
+
+
+def test_accumulation_equals_big_batch(tiny_clip, tiny_tokenizer):
+    images, labels = _batch(0)
+    states = []
+    for micro in ([(images, labels)], [(images[:3], labels[:3]), (images[3:], labels[3:])]):
+        m = _prompted(tiny_clip, tiny_tokenizer)
+        opt = build_optimizer([p for p in m.parameters() if p.requires_grad], "sgd", lr=0.1, weight_decay=0.0)
+        train_step(m, micro, build_loss("none", [2, 2, 2], start_epoch=0), opt)
+        states.append(m.trainable_state_dict())
+    for key in states[0]:
+        assert torch.allclose(states[0][key], states[1][key], atol=1e-6), key
+
+
+def test_grad_clip_acts_on_final_gradient(tiny_clip, tiny_tokenizer):
+    m = _prompted(tiny_clip, tiny_tokenizer)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = build_optimizer(params, "sam", lr=1.0, weight_decay=0.0, momentum=0.0)
+    before = [p.detach().clone() for p in params]
+    train_step(m, [_batch()], build_loss("none", [2, 2, 2], start_epoch=0), opt, grad_clip=1e-3)
+    step_norm = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before, strict=True)))
+    assert step_norm <= 1e-3 * (1 + 1e-4)
+
+
+def test_warmup_cosine_shape():
+    f = warmup_cosine(100, 10)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=1e-6)
+    assert f(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fit_resume_is_exact(tmp_path, synthetic, monkeypatch):
+    extra = ("optim.name=gnm", "reweight.name=drw", "reweight.start_epoch=1")
+    full = runner.fit(_cfg(tmp_path / "a", *extra), progress=False)
+    original = runner.train_one_epoch
+    calls = {"n": 0}
+
+    def stop_after_first_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_one_epoch", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        runner.fit(_cfg(tmp_path / "b", *extra), progress=False)
+    assert read_checkpoint(tmp_path / "b" / "run")["epoch"] == 1
+    monkeypatch.setattr(runner, "train_one_epoch", original)
+    resumed = runner.fit(_cfg(tmp_path / "b", *extra), progress=False)
+    a = read_checkpoint(full.out_dir)
+    b = read_checkpoint(resumed.out_dir)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["prompt_state"]:
+        assert torch.equal(a["prompt_state"][key], b["prompt_state"][key]), key
+    assert full.final == resumed.final
+
+
+def test_interrupted_run_keeps_last_good_checkpoint(tmp_path, synthetic, monkeypatch):
+    cfg = _cfg(tmp_path, "train.epochs=3")
+    calls = {"n": 0}
+    original = runner.train_one_epoch
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        runner.fit(cfg, progress=False)
+    ck = read_checkpoint(Path(cfg.train.out_dir))
+    assert ck["epoch"] == 1
+    leftovers = [p.name for p in Path(cfg.train.out_dir).iterdir() if ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_checkpoint_is_self_describing(tmp_path, synthetic):
+    result = runner.fit(_cfg(tmp_path, "train.epochs=1"), progress=False)
+    run = load_prompted(result.out_dir / "checkpoint.pt")
+    assert run.class_names == ["red", "green", "blue"]
+    assert run.class_counts == [12, 6, 3]
+    assert run.novel_class_names == ["yellow", "purple"]
+    assert run.identity.name == TINY_NAME
+    assert run.model.spec()["vpt_length"] == 2
+    lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"eval"' in lines[0]
+    assert {"many", "medium", "few", "novel", "hm"} <= set(result.final)
+    assert result.zero_shot is not None
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path, synthetic):
+    result = runner.fit(_cfg(tmp_path, "train.epochs=1"), progress=False)
+    path = result.out_dir / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="corrupt"):
+        load_prompted(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgd", "sam", "gnm", "gcsam"])
+def test_ddp_two_gloo_ranks_stay_identical(tmp_path, name):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["OMP_NUM_THREADS"] = "1"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.ddp_worker", str(tmp_path), name, str(TINY_CONFIG)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert len(r0) == len(r1) == 2
+    for e0, e1 in zip(r0, r1, strict=True):
+        for key in e0:
+            assert torch.equal(e0[key], e1[key]), (name, key)
+    # the ranks did train (parameters moved between epochs)
+    assert any(not torch.equal(r0[0][k], r0[1][k]) for k in r0[0])
