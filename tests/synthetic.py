@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 from PIL import Image
 
@@ -11,8 +13,15 @@ from trainer.data.base import LabelledImages, TaskData
 class ColourPatches(LabelledImages):
     """Class k = a flat image of colour k plus seeded noise; learnable in a few steps."""
 
-    PALETTE = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30), (200, 30, 200), (30, 200, 200)]
-    NAMES = ["red", "green", "blue", "yellow", "purple", "cyan"]
+    PALETTE: ClassVar[list[tuple[int, int, int]]] = [
+        (220, 30, 30),
+        (30, 200, 30),
+        (30, 30, 220),
+        (220, 220, 30),
+        (200, 30, 200),
+        (30, 200, 200),
+    ]
+    NAMES: ClassVar[list[str]] = ["red", "green", "blue", "yellow", "purple", "cyan"]
 
     def __init__(self, counts: list[int], seed: int, size: int = 32, names: list[str] | None = None) -> None:
         self.class_names = names or self.NAMES[: len(counts)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer.reweight import build_loss
 
 from tests.conftest import TINY_CONFIG, TINY_NAME
 from tests.synthetic import synthetic_task
@@ -20,7 +21,6 @@ from trainer.engine import train_step, warmup_cosine
 from trainer.errors import UserError
 from trainer.optim import build_optimizer
 from trainer.prompts import PromptedCLIP
-from trainer.reweight import build_loss
 
 OPTIMIZERS = ["sgd", "adamw", "sam", "asam", "gnm", "gcsam"]
 
