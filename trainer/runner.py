@@ -27,7 +27,8 @@ from trainer.config import DataConfig, RunConfig
 from trainer.data.base import LabelledImages, TaskData, Transformed
 from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_cosine
 from trainer.errors import UserError
-from trainer.metrics import ShotThresholds, classification_report, harmonic_mean
+from trainer.evaluation import evaluation_summary, write_per_class_csv, write_summary_json
+from trainer.metrics import ShotThresholds, harmonic_mean, thresholds_rule
 from trainer.models import PreprocessSpec, load_clip, load_toy_clip
 from trainer.optim import GNM, build_optimizer
 from trainer.prompts import PromptedCLIP
@@ -44,7 +45,9 @@ def build_task(data: DataConfig) -> TaskData:
     if data.kind == "toy":
         from trainer.toyworld.task import toy_task
 
-        kwargs: dict[str, Any] = {"seed": data.seed, "imbalance": data.imbalance}
+        kwargs: dict[str, Any] = {"seed": data.seed}
+        if data.imbalance is not None:
+            kwargs["imbalance"] = data.imbalance
         if data.n_max is not None:
             kwargs["n_max"] = data.n_max
         return toy_task(**kwargs)
@@ -126,8 +129,13 @@ def evaluate_task(
     workers: int = 0,
     progress: bool = True,
     precision: str = "fp32",
+    predictions_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Base-class report (top1, per-class, many / medium / few), novel-class report, harmonic mean."""
+    """Base-class report (top1, per-class, many / medium / few, ECE), novel-class report, harmonic mean.
+
+    With ``predictions_dir``, also writes ``per_class.csv`` and ``predictions_{base,novel}.npz`` (softmax
+    probabilities and targets) there, for ``python -m trainer report``.
+    """
     autocast = autocast_factory(device, precision)
     counts = task.train_counts
     probs, targets = predict(
@@ -139,17 +147,13 @@ def evaluate_task(
         progress=progress,
         description="eval base",
     )
-    base = classification_report(probs.argmax(1), targets, counts, thresholds)
-    result: dict[str, Any] = {
-        "base": base,
-        "thresholds": {
-            "many_above": thresholds.many_above,
-            "few_below": thresholds.few_below,
-            "rule": "LIFT: many > 100, medium 20..100, few < 20"
-            if thresholds == ShotThresholds()
-            else "custom",
-        },
-    }
+    base = evaluation_summary(probs.argmax(1), targets, counts, probs, thresholds)
+    result: dict[str, Any] = {"base": base, "shot_rule": thresholds_rule(thresholds)}
+    if predictions_dir is not None:
+        np.savez_compressed(predictions_dir / "predictions_base.npz", probs=probs, targets=targets)
+        write_per_class_csv(
+            predictions_dir / "per_class.csv", task.class_names, counts, base["per_class"], thresholds
+        )
     if task.novel_test is not None:
         nprobs, ntargets = predict(
             model,
@@ -160,15 +164,13 @@ def evaluate_task(
             progress=progress,
             description="eval novel",
         )
-        novel = classification_report(
-            nprobs.argmax(1), ntargets, [0] * task.novel_test.num_classes, thresholds
+        novel = evaluation_summary(
+            nprobs.argmax(1), ntargets, [0] * task.novel_test.num_classes, nprobs, thresholds
         )
-        result["novel"] = {
-            "top1": novel["top1"],
-            "mean_per_class": novel["mean_per_class"],
-            "per_class": novel["per_class"],
-        }
-        result["hm"] = harmonic_mean(float(base["mean_per_class"]), float(novel["mean_per_class"]))  # type: ignore[arg-type]
+        result["novel"] = {k: novel[k] for k in ("top1", "mean_per_class", "per_class", "ece", "num_test")}
+        result["hm"] = harmonic_mean(float(base["mean_per_class"]), float(novel["mean_per_class"]))
+        if predictions_dir is not None:
+            np.savez_compressed(predictions_dir / "predictions_novel.npz", probs=nprobs, targets=ntargets)
     return result
 
 
@@ -181,6 +183,7 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
         "many": b["many"],
         "medium": b["medium"],
         "few": b["few"],
+        "ece": b.get("ece"),
     }
     if "novel" in result:
         out["novel"] = result["novel"]["mean_per_class"]
@@ -362,6 +365,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
                 workers=cfg.data.num_workers,
                 progress=progress,
                 precision=precision,
+                predictions_dir=out if is_last else None,
             )
             record["eval"] = headline(last_eval)
         if info.is_main:
@@ -415,7 +419,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
             "class_names": task.class_names,
             "class_counts": counts,
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary_json(out / "summary.json", summary, thresholds, counts)
     dist_utils.cleanup()
     return FitResult(out, zero_shot, final)
 
