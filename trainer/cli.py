@@ -77,9 +77,9 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
         name = "tuned"
     else:
         cfg = load_config(ns.config, ns.set)
-        tuned = build_model(cfg, device)
+        tuned, loaded = build_model(cfg, device)
         model = PromptedCLIP(tuned.clip, tuned.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
-        spec = tuned.preprocess_spec  # type: ignore[assignment]
+        spec = loaded.preprocess
         name = "zero-shot"
     task = build_task(cfg.data)
     with torch.no_grad():

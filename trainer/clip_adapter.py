@@ -13,6 +13,7 @@ version is pinned here and in ``pyproject.toml``, and ``tests/test_prompts.py`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,14 @@ from torch import nn
 
 from trainer.errors import UserError
 
+# open_clip models are dynamic nn.Modules (attributes resolved through __getattr__): typed as Any here
+ClipModel = Any
+
 SUPPORTED_OPEN_CLIP = "3.3"
 SUPPORTED_TEXT_POOLING = ("argmax", "eos")
 
 
-def check_supported(clip: nn.Module) -> None:
+def check_supported(clip: ClipModel) -> None:
     """Refuse models whose towers this adapter cannot re-run, naming the setting."""
     import open_clip
 
@@ -56,20 +60,20 @@ def check_supported(clip: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------- text
 
 
-def text_width(clip: nn.Module) -> int:
+def text_width(clip: ClipModel) -> int:
     return int(clip.token_embedding.weight.shape[1])
 
 
-def context_length(clip: nn.Module) -> int:
+def context_length(clip: ClipModel) -> int:
     return int(clip.context_length)
 
 
-def embed_tokens(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def embed_tokens(clip: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
     """Token ids [N, L] -> word embeddings [N, L, W] (no positions yet)."""
     return clip.token_embedding(tokens)
 
 
-def encode_text_embeds(clip: nn.Module, embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_embeds(clip: ClipModel, embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's ``encode_text`` from word embeddings [N, L, W]; ``tokens`` [N, L] only locate the EOT.
 
     Returns unnormalised features [N, E].
@@ -94,21 +98,21 @@ def encode_text_embeds(clip: nn.Module, embeds: torch.Tensor, tokens: torch.Tens
 # --------------------------------------------------------------------------------------------- vision
 
 
-def vision_width(clip: nn.Module) -> int:
+def vision_width(clip: ClipModel) -> int:
     return int(clip.visual.class_embedding.shape[0])
 
 
-def vision_layers(clip: nn.Module) -> int:
+def vision_layers(clip: ClipModel) -> int:
     return len(clip.visual.transformer.resblocks)
 
 
-def patch_size(clip: nn.Module) -> int:
+def patch_size(clip: ClipModel) -> int:
     ps = clip.visual.patch_size
     return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
 
 def encode_image_prompted(
-    clip: nn.Module, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None
+    clip: ClipModel, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] | None
 ) -> torch.Tensor:
     """open_clip's ViT forward with visual prompt tokens (VPT), unnormalised features [N, E].
 
@@ -144,7 +148,7 @@ def encode_image_prompted(
 # --------------------------------------------------------------------------------------------- logits
 
 
-def logit_scale_and_bias(clip: nn.Module) -> tuple[float, float | None]:
+def logit_scale_and_bias(clip: ClipModel) -> tuple[float, float | None]:
     """The model's own exp(logit_scale) (and logit_bias, SigLIP-style models), as plain floats."""
     scale = float(clip.logit_scale.detach().exp().reshape(-1)[0])
     bias = getattr(clip, "logit_bias", None)

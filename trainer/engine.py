@@ -24,6 +24,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -80,20 +81,20 @@ def train_step(
 
     ``model`` maps images to logits (a :class:`PromptedCLIP`, possibly wrapped in DDP).
     """
-    sharp = isinstance(optimizer, SharpnessOptimizer)
-    passes = optimizer.passes if sharp else 1
+    sharp: SharpnessOptimizer | None = optimizer if isinstance(optimizer, SharpnessOptimizer) else None
+    passes = sharp.passes if sharp is not None else 1
     if passes == 2 and len(micro_batches) != 1:
         raise ValueError(
             f"gradient accumulation ({len(micro_batches)} micro-batches) is not supported with the two-pass "
             f"optimizer {type(optimizer).__name__}: use accumulation 1"
         )
-    base = optimizer.base_optimizer if sharp else optimizer
+    base = sharp.base_optimizer if sharp is not None else optimizer
     params = [p for g in base.param_groups for p in g["params"] if p.requires_grad]
     is_ddp = isinstance(model, DDP)
     k = len(micro_batches)
 
     def forward_backward(images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[float, int]:
-        ctx = model.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+        ctx = cast(DDP, model).no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
         with ctx:
             with autocast():
                 logits = model(images)
@@ -103,8 +104,8 @@ def train_step(
         return float(loss.detach()) * k, correct
 
     optimizer.zero_grad(set_to_none=True)
-    if sharp and optimizer.perturb_before_forward:
-        optimizer.first_step()  # GNM: theta <- theta + eps before the only forward
+    if sharp is not None and sharp.perturb_before_forward:
+        sharp.first_step()  # GNM: theta <- theta + eps before the only forward
 
     losses, correct, count = [], 0, 0
     if passes == 2:
@@ -112,14 +113,14 @@ def train_step(
         loss, correct = forward_backward(images, labels, sync=False)
         losses.append(loss)
         count = len(labels)
-        assert sharp
+        assert sharp is not None
         if scaler is not None and not _grads_finite(params):
             # fp16 overflow in the ascent pass: nothing was perturbed; skip like GradScaler would
             optimizer.zero_grad(set_to_none=True)
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             return StepOutput(loss, correct, count, skipped=True)
-        optimizer.first_step(zero_grad=True, grad_scale=scaler.get_scale() if scaler is not None else 1.0)
-        forward_backward(images, labels, sync=not optimizer.local_final_grad)
+        sharp.first_step(zero_grad=True, grad_scale=scaler.get_scale() if scaler is not None else 1.0)
+        forward_backward(images, labels, sync=not sharp.local_final_grad)
     else:
         for i, (images, labels) in enumerate(micro_batches):
             loss, c = forward_backward(images, labels, sync=(i == k - 1))
@@ -129,9 +130,9 @@ def train_step(
 
     if scaler is not None:
         scaler.unscale_(base)
-    if sharp:
-        optimizer.restore()  # exact copy of theta_old; GCSAM writes its constrained gradient here
-        if optimizer.local_final_grad and is_ddp:
+    if sharp is not None:
+        sharp.restore()  # exact copy of theta_old; GCSAM writes its constrained gradient here
+        if sharp.local_final_grad and is_ddp:
             all_reduce_mean_([p.grad for p in params if p.grad is not None])
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

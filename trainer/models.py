@@ -93,7 +93,7 @@ def ensure_toy_model_registered() -> None:
         open_clip.add_model_config(TOY_MODEL_CONFIG)
 
 
-def preprocess_spec(model: torch.nn.Module) -> PreprocessSpec:
+def preprocess_spec(model: Any) -> PreprocessSpec:
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", model.visual.image_size)
     if isinstance(size, (tuple, list)):

@@ -54,6 +54,8 @@ class VisualPrompts(nn.Module):
 
 
 class PromptedCLIP(nn.Module):
+    class_tokens: torch.Tensor  # [C, L] prompt token ids of ``class_names`` (a buffer)
+
     """A frozen open_clip CLIP with a learned text context and optional visual prompts.
 
     Args:
@@ -69,7 +71,7 @@ class PromptedCLIP(nn.Module):
 
     def __init__(
         self,
-        clip: nn.Module,
+        clip: ca.ClipModel,
         tokenizer: Tokenizer,
         n_ctx: int = 4,
         ctx_init: str | None = "a photo of a",
@@ -81,7 +83,7 @@ class PromptedCLIP(nn.Module):
         ca.check_supported(clip)
         if n_ctx < 0 or vpt_length < 0:
             raise UserError(f"n_ctx ({n_ctx}) and vpt_length ({vpt_length}) must be >= 0")
-        self.clip = clip.eval()
+        self.clip: ca.ClipModel = clip.eval()
         for p in self.clip.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer

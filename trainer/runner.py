@@ -29,7 +29,7 @@ from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_co
 from trainer.errors import UserError
 from trainer.evaluation import evaluation_summary, write_per_class_csv, write_summary_json
 from trainer.metrics import ShotThresholds, harmonic_mean, thresholds_rule
-from trainer.models import PreprocessSpec, load_clip, load_toy_clip
+from trainer.models import LoadedClip, PreprocessSpec, load_clip, load_toy_clip
 from trainer.optim import GNM, build_optimizer
 from trainer.prompts import PromptedCLIP
 from trainer.reweight import build_loss
@@ -83,7 +83,8 @@ def build_transform(spec: PreprocessSpec, train: bool) -> Any:
     )
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> PromptedCLIP:
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[PromptedCLIP, LoadedClip]:
+    """The frozen CLIP named by the config, wrapped with the configured prompts."""
     import open_clip
 
     m = cfg.model
@@ -101,9 +102,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> PromptedCLIP:
         vpt_deep=p.vpt_deep,
         template=p.template,
     ).to(device)
-    model.identity = loaded.identity  # type: ignore[assignment]
-    model.preprocess_spec = loaded.preprocess  # type: ignore[assignment]
-    return model
+    return model, loaded
 
 
 def _eval_loader(ds: LabelledImages, spec: PreprocessSpec, batch_size: int, workers: int) -> DataLoader:
@@ -224,14 +223,16 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         _logger.warning("precision=%s on CPU is slow and approximate; fp32 is recommended there", precision)
     _seed_everything(cfg.train.seed)
 
-    model = build_model(cfg, device)  # first: a bad model name or checkpoint fails before any data work
+    model, loaded = build_model(
+        cfg, device
+    )  # first: a bad model name or checkpoint fails before any data work
     task = build_task(cfg.data)
     counts = task.train_counts
     if min(counts) == 0:
         empty = [task.class_names[i] for i, c in enumerate(counts) if c == 0][:5]
         raise UserError(f"classes with no training images: {empty}: fix the data or the long-tail profile")
     model.set_class_names(task.class_names)
-    spec: PreprocessSpec = model.preprocess_spec  # type: ignore[assignment]
+    spec = loaded.preprocess
     thresholds = ShotThresholds(cfg.eval.many_above, cfg.eval.few_below)
 
     train_ds = Transformed(task.train, build_transform(spec, train=cfg.data.augment))
@@ -382,7 +383,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
                 {
                     "format": CHECKPOINT_FORMAT,
                     "config": cfg.model_dump(),
-                    "identity": model.identity.to_dict(),  # type: ignore[operator]
+                    "identity": loaded.identity.to_dict(),
                     "prompt_spec": model.spec(),
                     "prompt_state": model.trainable_state_dict(),
                     "class_names": task.class_names,
