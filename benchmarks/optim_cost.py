@@ -42,10 +42,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def bench(model_name: str, device: torch.device, batch: int, classes: int, vpt: int, repeats: int) -> None:
     torch.manual_seed(0)
-    if model_name == "toy":
-        loaded = load_toy_clip(device)
-    else:
-        loaded = load_clip(model_name, None, None, device)
+    loaded = load_toy_clip(device) if model_name == "toy" else load_clip(model_name, None, None, device)
     tokenizer = open_clip.get_tokenizer(loaded.identity.name)
     size = loaded.preprocess.image_size
     images = torch.randn(batch, 3, size, size, device=device)
