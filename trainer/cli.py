@@ -1,4 +1,4 @@
-"""``python -m trainer`` / ``flatprompt-train``: fit, evaluate, pretrain-toy.
+"""``python -m trainer`` / ``flatprompt-train``: fit, evaluate, report, pretrain-toy.
 
 Errors a user can cause end as one line on stderr and exit code 2.
 """
@@ -117,6 +117,27 @@ def _cmd_pretrain_toy(ns: argparse.Namespace, rest: list[str]) -> int:
     return pretrain_main(rest)
 
 
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from trainer.distributed import DistInfo, resolve_device
+    from trainer.report import build_report, default_out_dir
+
+    out = ns.out or default_out_dir(ns.runs)
+    result = build_report(
+        ns.runs,
+        out,
+        landscape=ns.landscape,
+        landscape_images=ns.landscape_images,
+        landscape_directions=ns.landscape_directions,
+        landscape_points=ns.landscape_points,
+        seed=ns.seed,
+        device=str(resolve_device(ns.device, DistInfo())),
+    )
+    print(f"report: {result.html}")
+    for lsc in result.landscapes:
+        print(f"  {lsc.label:<24} L(theta) {lsc.center_loss:.4f}  sharpness {lsc.sharpness:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -135,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", help="write the full evaluation here")
     ev.add_argument("--no-progress", action="store_true")
+
+    rep = sub.add_parser("report", help="plots and an HTML page from run directories")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `fit`")
+    rep.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    rep.add_argument("--landscape", action=argparse.BooleanOptionalAction, default=True)
+    rep.add_argument("--landscape-images", type=int, default=256, help="training images scanned")
+    rep.add_argument("--landscape-directions", type=int, default=3, help="random directions averaged")
+    rep.add_argument("--landscape-points", type=int, default=21, help="odd number of alphas in [-1, 1]")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the image subset and the directions")
+    rep.add_argument("--device", default="auto")
 
     sub.add_parser(
         "pretrain-toy", help="pretrain the toy CLIP on the toy world (see --help of it)", add_help=False
@@ -156,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_fit(ns)
         if ns.command == "evaluate":
             return _cmd_evaluate(ns)
+        if ns.command == "report":
+            return _cmd_report(ns)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
