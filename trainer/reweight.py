@@ -1,0 +1,194 @@
+"""Class re-weighting and logit adjustment for long-tailed training.
+
+- DRW, deferred re-weighting with effective-number weights: K. Cao et al., "Learning Imbalanced Datasets with
+  Label-Distribution-Aware Margin Loss", NeurIPS 2019 (kaidic/LDAM-DRW ``cifar_train.py``), using the class-
+  balanced weights of Y. Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019:
+  w_j = (1 - beta) / (1 - beta^n_j), normalised to sum to C. Plain CE before ``start_epoch``, weighted CE from it
+  on (0-indexed epochs; LDAM-DRW: beta 0.9999 from epoch 160 of 200).
+- Logit adjustment: A. K. Menon et al., "Long-tail learning via logit adjustment", ICLR 2021, arXiv:2007.07314.
+  Loss form CE(z + tau log pi, y); post-hoc form argmax_j (z_j - tau log pi_j), with pi_j = n_j / sum_k n_k.
+
+Every module maps ``(logits [B, C], targets [B]) -> scalar loss`` and has ``set_epoch(epoch)``; weights and priors
+are buffers, so they follow ``.to(device)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "RELOSS_NAMES",
+    "CrossEntropy",
+    "DRWLoss",
+    "LogitAdjustedLoss",
+    "build_loss",
+    "effective_number_weights",
+    "log_prior",
+    "posthoc_adjust",
+]
+
+RELOSS_NAMES = ("none", "drw", "logit_adjust")
+
+
+def _check_counts(counts: Sequence[int]) -> list[int]:
+    out = list(counts)
+    if not out:
+        raise ValueError("counts must list at least one class")
+    for j, n in enumerate(out):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"counts[{j}] = {n!r}: every class needs an integer training count >= 1")
+    return out
+
+
+def _check_epoch(name: str, epoch: int) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {epoch!r}")
+    return epoch
+
+
+def effective_number_weights(counts: Sequence[int], beta: float) -> Tensor:
+    """Class-balanced weights w_j = (1 - beta) / (1 - beta^n_j), normalised to sum to C. Shape [C], fp32.
+
+    beta = 0 gives all ones; beta -> 1 gives weights proportional to 1 / n_j.
+
+    Raises:
+        ValueError: if beta is outside [0, 1) or a count is not an integer >= 1 (naming the class index).
+    """
+    n = _check_counts(counts)
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    if beta == 0.0:
+        return torch.ones(len(n))  # 0^n = 0 for n >= 1: every raw weight is exactly 1
+    nt = torch.tensor(n, dtype=torch.float64)
+    # 1 - beta^n = -expm1(n log beta): no cancellation when beta is close to 1
+    raw = (1.0 - beta) / -torch.expm1(nt * math.log(beta))
+    return (raw * (len(n) / raw.sum())).to(torch.float32)
+
+
+def log_prior(counts: Sequence[int]) -> Tensor:
+    """log pi_j = log(n_j / sum_k n_k). Shape [C], fp32."""
+    nt = torch.tensor(_check_counts(counts), dtype=torch.float64)
+    return (nt / nt.sum()).log().to(torch.float32)
+
+
+def _check_logits(logits: Tensor, num_classes: int) -> None:
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must be [batch, {num_classes}], got {list(logits.shape)}")
+
+
+class CrossEntropy(nn.Module):
+    """Plain mean cross-entropy; ``set_epoch`` is a no-op (the common interface of the losses here)."""
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits, targets)
+
+    def set_epoch(self, epoch: int) -> None:
+        _check_epoch("epoch", epoch)
+
+
+class DRWLoss(nn.Module):
+    """Deferred re-weighting: plain CE before ``start_epoch``, effective-number weighted CE from it on.
+
+    The weighted loss is torch's weighted mean, sum_i w_{y_i} l_i / sum_i w_{y_i} (not divided by the batch
+    size), as in LDAM-DRW and GNM-PT.
+
+    Args:
+        counts: training images per class, [C].
+        beta: effective-number beta in [0, 1) (0.9999 LDAM-DRW; 0.9998 GNM-PT).
+        start_epoch: first (0-indexed) epoch with weights on.
+    """
+
+    weight: Tensor
+
+    def __init__(self, counts: Sequence[int], beta: float = 0.9999, *, start_epoch: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", effective_number_weights(counts, beta))  # [C]
+        self.beta = float(beta)
+        self.start_epoch = _check_epoch("start_epoch", start_epoch)
+        self.epoch = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether the class weights are applied in the current epoch."""
+        return self.epoch >= self.start_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_epoch("epoch", epoch)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        _check_logits(logits, self.weight.numel())
+        if not self.active:
+            return F.cross_entropy(logits, targets)  # exactly plain CE, not CE with unit weights
+        return F.cross_entropy(logits, targets, weight=self.weight.to(logits.dtype))
+
+    def extra_repr(self) -> str:
+        return f"classes={self.weight.numel()}, beta={self.beta}, start_epoch={self.start_epoch}"
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Logit-adjusted cross-entropy (loss form): CE(z + tau * log pi, y).
+
+    Args:
+        counts: training images per class, [C].
+        tau: temperature of the adjustment, >= 0 (1.0; 0 gives plain CE).
+    """
+
+    log_prior: Tensor
+
+    def __init__(self, counts: Sequence[int], tau: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(tau, bool) or not isinstance(tau, int | float) or not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+        self.tau = float(tau)
+        self.register_buffer("log_prior", log_prior(counts))  # [C]
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        _check_logits(logits, self.log_prior.numel())
+        if self.tau == 0.0:
+            return F.cross_entropy(logits, targets)
+        # [B, C] + [C]: tau*log pi is most negative for the tail, so a tail class must win by a larger raw margin
+        return F.cross_entropy(logits + self.tau * self.log_prior.to(logits.dtype), targets)
+
+    def set_epoch(self, epoch: int) -> None:
+        _check_epoch("epoch", epoch)
+
+    def extra_repr(self) -> str:
+        return f"classes={self.log_prior.numel()}, tau={self.tau}"
+
+
+def posthoc_adjust(logits: Tensor, counts: Sequence[int], tau: float = 1.0) -> Tensor:
+    """Post-hoc logit adjustment: z - tau * log pi, shape of ``logits`` ([..., C]); take its argmax."""
+    lp = log_prior(counts).to(device=logits.device, dtype=logits.dtype)
+    if logits.shape[-1] != lp.numel():
+        raise ValueError(f"logits must end in {lp.numel()} classes, got {list(logits.shape)}")
+    return logits - tau * lp
+
+
+def build_loss(
+    name: str,
+    counts: Sequence[int],
+    *,
+    beta: float = 0.9999,
+    start_epoch: int,
+    tau: float = 1.0,
+) -> nn.Module:
+    """The training loss called ``name`` (one of ``RELOSS_NAMES``).
+
+    "none": plain CE; "drw": :class:`DRWLoss` (``beta``, ``start_epoch``); "logit_adjust":
+    :class:`LogitAdjustedLoss` (``tau``). Arguments a loss does not use are ignored.
+
+    Raises:
+        ValueError: for an unknown name (listing the allowed ones) or an out-of-range argument.
+    """
+    if name == "none":
+        return CrossEntropy()
+    if name == "drw":
+        return DRWLoss(counts, beta, start_epoch=start_epoch)
+    if name == "logit_adjust":
+        return LogitAdjustedLoss(counts, tau)
+    raise ValueError(f"unknown re-weighting {name!r}: expected one of {RELOSS_NAMES}")
