@@ -176,7 +176,7 @@ def build_loss(
     beta: float = 0.9999,
     start_epoch: int,
     tau: float = 1.0,
-) -> nn.Module:
+) -> CrossEntropy | DRWLoss | LogitAdjustedLoss:
     """The training loss called ``name`` (one of ``RELOSS_NAMES``).
 
     "none": plain CE; "drw": :class:`DRWLoss` (``beta``, ``start_epoch``); "logit_adjust":
