@@ -1,0 +1,133 @@
+"""Typed configuration of the serving process, read once from environment variables.
+
+Every setting has a documented default (the ``DEFAULT`` column of ``docs/serving.md`` mirrors the
+field defaults below). Nothing here imports BentoML or onnxruntime, so the module is cheap to import
+from tests and from the service module at import time (where the BentoML decorator needs
+``workers``, ``threads`` and the batching settings).
+
+Environment variables (all optional):
+
+=================================  ==========================================================
+``FLATPROMPT_BUNDLE``              bundle directory; wins over the model store when set
+``FLATPROMPT_MODEL_TAG``           BentoML model-store tag (default ``flatprompt:latest``)
+``FLATPROMPT_REGISTRY_URL``        ``sqlite:///path.db`` or ``postgresql://...``
+``FLATPROMPT_TOKEN``               bearer token for mutations; unset = mutations refused
+``FLATPROMPT_PROVIDERS``           comma list of ORT providers, in preference order
+``FLATPROMPT_REQUIRE_PROVIDER``    refuse readiness unless this provider is the active one
+``FLATPROMPT_WORKERS`` ...         see :class:`ServiceSettings`
+``FLATPROMPT_MAX_*``               see :class:`Limits`
+=================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+ENV_PREFIX = "FLATPROMPT_"
+DEFAULT_MODEL_TAG = "flatprompt:latest"
+DEFAULT_REGISTRY_URL = "sqlite:///flatprompt-registry.db"
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits; each violation answers 4xx with the error schema and is counted in a metric."""
+
+    max_body_bytes: int = 32 * 1024 * 1024  # whole HTTP request body (413 beyond)
+    max_image_pixels: int = 50_000_000  # width*height read from the header, before decoding
+    max_images_per_request: int = 16  # images in one classify call
+    max_name_length: int = 128  # characters of one class name (after whitespace normalisation)
+    max_names_per_registration: int = 1000  # names in one register call
+    max_registered_classes: int = 10_000  # registered (novel) classes in the whole registry
+    max_templates: int = 16  # prompt templates per registration
+    max_template_length: int = 200  # characters of one prompt template
+    max_candidates: int = 20_000  # names in the optional candidate subset
+    max_top_k: int = 100  # upper bound of top_k
+    max_tau: float = 10.0  # upper bound of the logit-adjustment strength
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Settings BentoML needs at import time (the ``@bentoml.service`` / ``@bentoml.api`` arguments)."""
+
+    workers: int = 1  # BentoML worker processes
+    threads: int = 4  # threads per worker running sync APIs concurrently
+    max_batch_size: int = 32  # adaptive batching: max images per image-tower call
+    max_latency_ms: int = 5000  # adaptive batching: latency budget (BentoML answers 503 beyond)
+    request_timeout_s: float = 30.0  # per-request deadline (504 beyond)
+    max_in_flight: int = 64  # concurrent API requests per worker (429 beyond)
+    ort_threads: int = 0  # ORT intra-op threads per worker; 0 = cpu_count // workers
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Runtime configuration of one service worker."""
+
+    bundle_path: str | None = None  # bundle directory (wins over model_tag)
+    model_tag: str = DEFAULT_MODEL_TAG  # BentoML model-store tag of the bundle
+    registry_url: str = DEFAULT_REGISTRY_URL  # registry database URL
+    token: str | None = None  # bearer token for register/unregister; None = refuse mutations
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS  # ORT execution providers, preferred first
+    require_provider: str | None = None  # readiness fails unless this provider is active
+    limits: Limits = field(default_factory=Limits)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+
+    @property
+    def mutations_enabled(self) -> bool:
+        """True when a token is configured; without one, register/unregister answer 403."""
+        return bool(self.token)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
+        """Build the configuration from ``FLATPROMPT_*`` variables (``os.environ`` by default)."""
+        env = os.environ if environ is None else environ
+        token = env.get(ENV_PREFIX + "TOKEN") or None
+        providers = tuple(
+            p.strip() for p in env.get(ENV_PREFIX + "PROVIDERS", ",".join(DEFAULT_PROVIDERS)).split(",")
+        )
+        providers = tuple(p for p in providers if p)
+        if not providers:
+            raise ConfigError(f"{ENV_PREFIX}PROVIDERS names no provider")
+        return cls(
+            bundle_path=env.get(ENV_PREFIX + "BUNDLE") or None,
+            model_tag=env.get(ENV_PREFIX + "MODEL_TAG") or DEFAULT_MODEL_TAG,
+            registry_url=env.get(ENV_PREFIX + "REGISTRY_URL") or DEFAULT_REGISTRY_URL,
+            token=token,
+            providers=providers,
+            require_provider=env.get(ENV_PREFIX + "REQUIRE_PROVIDER") or None,
+            limits=_from_env(Limits, env),
+            service=_from_env(ServiceSettings, env),
+        )
+
+
+def _from_env(cls: type[_T], env: Mapping[str, str]) -> _T:
+    """Fill a flat dataclass of int/float fields from ``FLATPROMPT_<FIELD_NAME_UPPER>`` variables."""
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None or raw.strip() == "":
+            continue
+        kind: type[int] | type[float] = float if isinstance(f.default, float) else int
+        try:
+            value = kind(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        if value < 0 or (value == 0 and f.name != "ort_threads"):
+            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} must be positive, got {raw!r}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def service_settings(environ: Mapping[str, str] | None = None) -> ServiceSettings:
+    """The import-time subset of the configuration (used by the BentoML decorators)."""
+    return _from_env(ServiceSettings, os.environ if environ is None else environ)

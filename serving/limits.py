@@ -1,0 +1,355 @@
+"""The ASGI guard in front of every API route: size limit, auth, media types, admission, deadline,
+and the single error schema.
+
+BentoML 1.4 has no request-size limit, answers errors in several shapes (``{"error", "detail"}``
+for validation errors, ``[{"error"}]`` for raised exceptions, plain text for unknown routes) and
+checks no credentials. :class:`GuardMiddleware` closes those gaps, in this order:
+
+1. probes and ``/metrics`` pass straight through (only their error bodies are normalised);
+2. the internal image-encoding route answers 404 unless the request carries this process's internal
+   token (only the service's own in-process client has it);
+3. ``/register`` and ``/unregister`` need ``Authorization: Bearer <FLATPROMPT_TOKEN>``, compared
+   with :func:`hmac.compare_digest`; with no token configured they answer 403 (never open);
+4. media type per route (multipart for ``/classify``, JSON elsewhere), else 415;
+5. ``Content-Length`` above the limit answers 413 before the body is read; bodies without a length
+   (chunked) are counted while streamed and cut at the limit, also answering 413;
+6. at most ``max_in_flight`` API requests per worker, 429 with ``Retry-After`` beyond
+   (BentoML's own ``max_concurrency`` is not used: its 429 would bypass this schema);
+7. a per-request deadline answering 504 when no response started in time;
+8. every 4xx/5xx body that is not already ``{"error": code, "message": text}`` is rewritten to it.
+
+Each refusal increments ``flatprompt_limit_violations_total{limit}`` and every API request
+``flatprompt_requests_total{endpoint, outcome}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from serving.config import ServeConfig
+from serving.errors import code_for_status, error_body, is_error_body, message_from_foreign_body
+from serving.metrics import endpoint_label, get_metrics, outcome_for_status
+
+_logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PASSTHROUGH_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+PROTECTED_PATHS = frozenset({"/register", "/unregister"})
+INTERNAL_PATHS = frozenset({"/encode_images"})
+MULTIPART_PATHS = frozenset({"/classify"})
+JSON_PATHS = frozenset({"/classify_base64", "/register", "/unregister", "/classes", "/encode_images"})
+INTERNAL_HEADER = "x-flatprompt-internal"
+
+_internal_token: str | None = None
+_internal_lock = threading.Lock()
+
+
+def internal_token() -> str:
+    """A random per-process secret that marks the service's own in-process calls."""
+    global _internal_token
+    with _internal_lock:
+        if _internal_token is None:
+            _internal_token = secrets.token_urlsafe(32)
+        return _internal_token
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` when a streamed body passes the limit."""
+
+
+class _State:
+    """Per-request bookkeeping shared by the wrapped ``receive``/``send``."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.too_large = False
+        self.started = False  # a response start message went out (to the client)
+        self.status = 0
+
+
+class GuardMiddleware:
+    """See the module docstring. ``config`` defaults to :meth:`ServeConfig.from_env` (in the worker)."""
+
+    def __init__(self, app: ASGIApp, config: ServeConfig | None = None) -> None:
+        self.app = app
+        self.config = config or ServeConfig.from_env()
+        limits, settings = self.config.limits, self.config.service
+        self.max_body_bytes = limits.max_body_bytes
+        self.max_in_flight = settings.max_in_flight
+        self.timeout_s = settings.request_timeout_s
+        self.in_flight = 0
+        self._token = self.config.token.encode("utf-8") if self.config.token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        if path in PASSTHROUGH_PATHS:
+            await self.app(scope, receive, self._normalising_send(send, _State(), scope, count=False))
+            return
+        endpoint = endpoint_label(path)
+        headers = _headers(scope)
+        internal = path in INTERNAL_PATHS and hmac.compare_digest(
+            headers.get(INTERNAL_HEADER, "").encode("utf-8"), internal_token().encode("utf-8")
+        )
+        refusal = self._check_request(scope, path, headers, internal)
+        if refusal is not None:
+            status, code, message, limit, extra = refusal
+            if limit:
+                get_metrics().limit_violations.labels(limit=limit).inc()
+            get_metrics().requests.labels(endpoint=endpoint, outcome=outcome_for_status(status)).inc()
+            await _send_error(send, status, code, message, extra)
+            return
+        if not internal:
+            if self.in_flight >= self.max_in_flight:
+                get_metrics().limit_violations.labels(limit="in_flight").inc()
+                get_metrics().requests.labels(endpoint=endpoint, outcome="overloaded").inc()
+                await _send_error(
+                    send,
+                    429,
+                    "overloaded",
+                    f"more than {self.max_in_flight} requests in flight in this worker; retry later",
+                    {"retry-after": "1"},
+                )
+                return
+            self.in_flight += 1
+        state = _State()
+        try:
+            await self._run_with_deadline(scope, self._counting_receive(receive, state), send, state)
+        finally:
+            if not internal:
+                self.in_flight -= 1
+
+    # -- checks --------------------------------------------------------------------------------
+    def _check_request(
+        self, scope: Scope, path: str, headers: dict[str, str], internal: bool
+    ) -> tuple[int, str, str, str | None, dict[str, str]] | None:
+        """Return ``(status, code, message, limit, headers)`` to refuse the request, else None."""
+        if path in INTERNAL_PATHS and not internal:
+            return 404, "not_found", f"no route {path}", None, {}
+        if path in PROTECTED_PATHS:
+            if self._token is None:
+                return (
+                    403,
+                    "mutations_disabled",
+                    "registering and deleting classes is disabled: the server has no FLATPROMPT_TOKEN configured",
+                    "auth",
+                    {},
+                )
+            auth = headers.get("authorization", "")
+            scheme, _, credential = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credential.strip().encode("utf-8"), self._token
+            ):
+                return (
+                    401,
+                    "unauthorized",
+                    "missing or invalid bearer token",
+                    "auth",
+                    {"www-authenticate": 'Bearer realm="flatprompt"'},
+                )
+        media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if path in MULTIPART_PATHS and scope.get("method") == "POST" and media != "multipart/form-data":
+            return (
+                415,
+                "unsupported_media_type",
+                f"{path} takes multipart/form-data (got {media or 'no content type'}); "
+                "send base64 JSON to /classify_base64",
+                "media_type",
+                {},
+            )
+        if path in JSON_PATHS and scope.get("method") == "POST" and media not in ("", "application/json"):
+            return (
+                415,
+                "unsupported_media_type",
+                f"{path} takes application/json (got {media})",
+                "media_type",
+                {},
+            )
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return 400, "bad_request", "invalid Content-Length header", "body_bytes", {}
+            if int(length) > self.max_body_bytes:
+                return (
+                    413,
+                    "payload_too_large",
+                    f"request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes} bytes",
+                    "body_bytes",
+                    {},
+                )
+        return None
+
+    def _counting_receive(self, receive: Receive, state: _State) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state.received += len(message.get("body", b""))
+                if state.received > self.max_body_bytes:
+                    state.too_large = True
+                    raise BodyTooLarge(f"request body exceeds {self.max_body_bytes} bytes")
+            return message
+
+        return wrapped
+
+    # -- running the app -----------------------------------------------------------------------
+    async def _run_with_deadline(self, scope: Scope, receive: Receive, send: Send, state: _State) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+        out = self._normalising_send(send, state, scope, count=True)
+
+        async def first_send(message: Message) -> None:
+            if not started.done():
+                started.set_result(None)
+            await out(message)
+
+        task = asyncio.ensure_future(self._run_app(scope, receive, first_send, state, send))
+        done, _ = await asyncio.wait(
+            {task, started}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            if not state.started:
+                _logger.warning("request to %s timed out after %.1f s", scope.get("path"), self.timeout_s)
+                await self._final_error(
+                    send, state, scope, 504, "timeout", f"no response within {self.timeout_s:g} s"
+                )
+            return
+        if not started.done():
+            started.cancel()
+        await task
+
+    async def _run_app(
+        self, scope: Scope, receive: Receive, send: Send, state: _State, raw_send: Send
+    ) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except BodyTooLarge:
+            pass
+        except Exception:
+            if not state.too_large:
+                _logger.exception("unhandled error in %s", scope.get("path"))
+                if not state.started:
+                    await self._final_error(
+                        raw_send,
+                        state,
+                        scope,
+                        500,
+                        "internal_error",
+                        "unexpected server error; see the server log",
+                    )
+                return
+        if state.too_large and not state.started:
+            get_metrics().limit_violations.labels(limit="body_bytes").inc()
+            await self._final_error(
+                raw_send,
+                state,
+                scope,
+                413,
+                "payload_too_large",
+                f"request body exceeds the limit of {self.max_body_bytes} bytes",
+            )
+
+    async def _final_error(
+        self, send: Send, state: _State, scope: Scope, status: int, code: str, message: str
+    ) -> None:
+        """Send an error response straight to the client (bypassing the rewriting wrapper), counted."""
+        body = error_body(code, message)
+        await self._emit_start(send, state, scope, _start(status, {"content-length": str(len(body))}), True)
+        await send({"type": "http.response.body", "body": body})
+
+    def _normalising_send(self, send: Send, state: _State, scope: Scope, count: bool) -> Send:
+        """Wrap ``send``: rewrite non-schema error bodies, turn errors after a cut body into 413, count."""
+        held: dict[str, Any] = {}
+
+        async def wrapped(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = int(message["status"])
+                if state.too_large:
+                    held["drop"] = True  # the app's answer to a cut body is replaced by 413 later
+                    return
+                if status >= 400:
+                    held["start"] = message
+                    held["body"] = bytearray()
+                    return
+                await self._emit_start(send, state, scope, message, count)
+                return
+            if kind == "http.response.body":
+                if held.get("drop"):
+                    if not message.get("more_body", False):
+                        held.clear()
+                    return
+                if "start" in held:
+                    held["body"].extend(message.get("body", b""))
+                    if message.get("more_body", False):
+                        return
+                    start, body = held.pop("start"), bytes(held.pop("body"))
+                    status = int(start["status"])
+                    if not is_error_body(body):
+                        if status == 400:
+                            get_metrics().limit_violations.labels(limit="malformed_request").inc()
+                        body = error_body(code_for_status(status), message_from_foreign_body(body, status))
+                        start = _start(status, _keep_headers(start))
+                    start = dict(start)
+                    start["headers"] = [
+                        (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
+                    ] + [(b"content-length", str(len(body)).encode())]
+                    await self._emit_start(send, state, scope, start, count)
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            await send(message)
+
+        return wrapped
+
+    async def _emit_start(
+        self, send: Send, state: _State, scope: Scope, message: Message, count: bool
+    ) -> None:
+        state.started = True
+        state.status = int(message["status"])
+        if count:
+            get_metrics().requests.labels(
+                endpoint=endpoint_label(scope.get("path", "")), outcome=outcome_for_status(state.status)
+            ).inc()
+        await send(message)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _keep_headers(start: Message) -> dict[str, str]:
+    keep = {}
+    for k, v in start.get("headers", []):
+        name = k.decode("latin-1").lower()
+        if name not in ("content-length", "content-type"):
+            keep[name] = v.decode("latin-1")
+    return keep
+
+
+def _start(status: int, headers: dict[str, str]) -> Message:
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    raw.append((b"content-type", b"application/json"))
+    return {"type": "http.response.start", "status": status, "headers": raw}
+
+
+async def _send_error(send: Send, status: int, code: str, message: str, headers: dict[str, str]) -> None:
+    body = error_body(code, message)
+    start = _start(status, {**headers, "content-length": str(len(body))})
+    await send(start)
+    await send({"type": "http.response.body", "body": body})

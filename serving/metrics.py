@@ -1,0 +1,143 @@
+"""Custom Prometheus metrics, created lazily inside the worker process.
+
+BentoML runs workers in prometheus_client's multiprocess mode; a metric object created before the
+worker has set ``PROMETHEUS_MULTIPROC_DIR`` is invisible on ``/metrics`` (bentoml#5056), so nothing
+here is created at import time: :func:`get_metrics` builds the set on first use. Names follow the
+Prometheus conventions (one ``flatprompt_`` prefix, base units, ``_total`` counters) and labels have
+small fixed value sets (no class names, no request content).
+
+Exposed (next to BentoML's ``bentoml_service_*`` built-ins):
+
+* ``flatprompt_requests_total{endpoint, outcome}``
+* ``flatprompt_limit_violations_total{limit}``
+* ``flatprompt_model_latency_seconds{tower}`` (histogram, ``tower`` = image | text)
+* ``flatprompt_batch_size{tower}`` (histogram of items per model call)
+* ``flatprompt_image_bytes`` (histogram of uploaded image sizes)
+* ``flatprompt_registered_classes`` (gauge, max over live workers)
+* ``flatprompt_registry_reloads_total``, ``flatprompt_registry_errors_total``
+* ``flatprompt_model_info{bundle_hash, model, provider, precision}`` (gauge, always 1)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+IMAGE_BYTES_BUCKETS = tuple(float(1024 * 4**i) for i in range(9))  # 1 KiB .. 64 MiB
+
+ENDPOINTS = frozenset({"classify", "classify_base64", "register", "unregister", "classes", "encode_images"})
+OUTCOMES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "bad_request",
+    429: "overloaded",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+def outcome_for_status(status: int) -> str:
+    """Map an HTTP status to the small fixed ``outcome`` label set."""
+    if status < 400:
+        return "ok"
+    return OUTCOMES.get(status, "client_error" if status < 500 else "error")
+
+
+def endpoint_label(path: str) -> str:
+    """Bound the ``endpoint`` label: known API routes by name, everything else ``other``."""
+    name = path.strip("/").split("/", 1)[0]
+    return name if name in ENDPOINTS else "other"
+
+
+def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to (and including) the next power of two above ``max_batch_size``."""
+    buckets = [1.0]
+    while buckets[-1] < max_batch_size:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
+
+
+@dataclass
+class Metrics:
+    """The service's custom metric objects (see the module docstring)."""
+
+    requests: Any
+    limit_violations: Any
+    model_latency: Any
+    batch_size: Any
+    image_bytes: Any
+    registered_classes: Any
+    registry_reloads: Any
+    registry_errors: Any
+    model_info: Any
+
+
+_lock = threading.Lock()
+_metrics: Metrics | None = None
+
+
+def get_metrics(max_batch_size: int = 32) -> Metrics:
+    """Create the metrics on first call (inside the worker), then return the same objects."""
+    global _metrics
+    if _metrics is not None:
+        return _metrics
+    with _lock:
+        if _metrics is None:
+            from prometheus_client import Counter, Gauge, Histogram
+
+            _metrics = Metrics(
+                requests=Counter(
+                    "flatprompt_requests_total",
+                    "API requests by endpoint and outcome.",
+                    ["endpoint", "outcome"],
+                ),
+                limit_violations=Counter(
+                    "flatprompt_limit_violations_total",
+                    "Requests refused because they violated an input limit or were malformed.",
+                    ["limit"],
+                ),
+                model_latency=Histogram(
+                    "flatprompt_model_latency_seconds",
+                    "Wall time of one ONNX Runtime call, per tower.",
+                    ["tower"],
+                    buckets=LATENCY_BUCKETS,
+                ),
+                batch_size=Histogram(
+                    "flatprompt_batch_size",
+                    "Items (images or prompts) per ONNX Runtime call, per tower.",
+                    ["tower"],
+                    buckets=batch_buckets(max(max_batch_size, 64)),
+                ),
+                image_bytes=Histogram(
+                    "flatprompt_image_bytes",
+                    "Size of each uploaded image file in bytes.",
+                    buckets=IMAGE_BYTES_BUCKETS,
+                ),
+                registered_classes=Gauge(
+                    "flatprompt_registered_classes",
+                    "Registered (novel) classes in the registry, as last seen by the workers.",
+                    multiprocess_mode="livemax",
+                ),
+                registry_reloads=Counter(
+                    "flatprompt_registry_reloads_total",
+                    "Times a worker reloaded the registry because its version changed.",
+                ),
+                registry_errors=Counter(
+                    "flatprompt_registry_errors_total",
+                    "Registry database errors (classification then uses the last loaded classes).",
+                ),
+                model_info=Gauge(
+                    "flatprompt_model_info",
+                    "The loaded model bundle; the value is always 1.",
+                    ["bundle_hash", "model", "provider", "precision"],
+                    multiprocess_mode="livemax",
+                ),
+            )
+    return _metrics

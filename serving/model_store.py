@@ -1,0 +1,77 @@
+"""Import a bundle directory into the BentoML model store, so a service or ``bentoml build`` can use it by tag.
+
+Usage::
+
+    python -m serving.model_store DIR [--name flatprompt]      # prints the new tag, e.g. flatprompt:k3j...
+
+The bundle is verified against its manifest first (sha256 of every file), then copied file by file
+into a new model-store entry whose labels carry the bundle hash and model name. ``bentoml models list``
+shows it; ``FLATPROMPT_MODEL_TAG`` (default ``flatprompt:latest``) selects it at serving time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+_logger = logging.getLogger(__name__)
+DEFAULT_NAME = "flatprompt"
+
+
+def verify_files(bundle_dir: Path) -> dict[str, object]:
+    """Check every file listed in ``manifest.json`` (sha256 and size); return the manifest."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
+    for name, info in manifest.get("files", {}).items():
+        path = bundle_dir / name
+        if not path.is_file():
+            raise ValueError(f"bundle file {name} is missing")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != info.get("sha256") or path.stat().st_size != info.get("bytes", path.stat().st_size):
+            raise ValueError(f"bundle file {name} does not match its manifest entry")
+    return dict(manifest)
+
+
+def import_bundle(bundle_dir: str | Path, name: str = DEFAULT_NAME) -> str:
+    """Copy a verified bundle into the model store (``BENTOML_HOME``); return the new tag."""
+    import bentoml
+
+    source = Path(bundle_dir)
+    manifest = verify_files(source)
+    bundle_hash = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
+    model_info = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    labels = {"bundle_hash": bundle_hash[:16], "format_version": str(manifest.get("format_version"))}
+    metadata = {"bundle_hash": bundle_hash, "model": model_info}
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        target = Path(model.path)
+        listed = manifest.get("files")
+        files = ["manifest.json", *(listed if isinstance(listed, dict) else {})]
+        for rel in files:
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / rel, target / rel)
+    _logger.info("imported %s as %s", source, model.tag)
+    return str(model.tag)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: import one bundle directory and print its tag."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("bundle", help="bundle directory (contains manifest.json)")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="model name in the store (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        tag = import_bundle(args.bundle, args.name)
+    except (OSError, ValueError) as exc:
+        _logger.error("cannot import %s: %s", args.bundle, exc)
+        return 2
+    sys.stdout.write(tag + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

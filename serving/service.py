@@ -1,0 +1,569 @@
+"""The BentoML service: image classification over trained + registered classes, on ONNX Runtime.
+
+Run it with ``bentoml serve serving.service:FlatPrompt`` (configuration: :mod:`serving.config`).
+
+Request path of a classification::
+
+    POST /classify (multipart) or /classify_base64 (JSON)       async API, event loop
+      -> size/format checks, decode + preprocess               worker thread (own limiter)
+      -> registry version check, reload when it moved          same thread
+      -> POST /encode_images (in-process, adaptive batching)   batchable sync API, BentoML threads
+      -> cosine logits, optional logit adjustment, top-k       worker thread
+
+The image tower runs behind ``@bentoml.api(batchable=True)`` so concurrent requests share one ORT
+call; classification endpoints are ``async`` only so that they do not hold one of BentoML's
+``threads`` while they wait for that batch (sync endpoints waiting on the batchable one in the same
+thread pool could starve it).
+
+Nothing here imports torch, open_clip, the trainer or the exporter; the model comes as a bundle
+(``docs/bundle.md``) read by :mod:`serving.runtime`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import bentoml
+import numpy as np
+from starlette.responses import JSONResponse
+
+from serving.config import ServeConfig, service_settings
+from serving.errors import ServeError
+from serving.limits import INTERNAL_HEADER, GuardMiddleware, internal_token
+
+with bentoml.importing():
+    import anyio
+    import anyio.to_thread
+
+    from serving.images import configure_pil, decode_base64, decode_image
+    from serving.metrics import get_metrics
+    from serving.names import clean_name, clean_template, name_key
+    from serving.registry import (
+        NEEDS_EMBEDDING,
+        NewClass,
+        Registry,
+        RegistryError,
+        RegistryFullError,
+        StoredClass,
+    )
+    from serving.runtime.bundle import Bundle
+    from serving.scoring import REGISTERED, TRAINED, ClassIndex
+
+_logger = logging.getLogger(__name__)
+_SETTINGS = service_settings()  # import time: the decorators below need these
+TEXT_CHUNK = 256  # prompts per text-encoder call
+
+EXAMPLE_NAMES = ["okapi", "snow leopard"]
+
+
+def bundle_hash(bundle_dir: str | Path) -> str:
+    """Content hash of a bundle: sha256 of its ``manifest.json`` (which lists every file's sha256)."""
+    return hashlib.sha256((Path(bundle_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def resolve_bundle_dir(config: ServeConfig) -> Path:
+    """The bundle directory: ``FLATPROMPT_BUNDLE`` if set, else the model-store entry ``model_tag``."""
+    if config.bundle_path:
+        path = Path(config.bundle_path).expanduser()
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(f"FLATPROMPT_BUNDLE={path} is not a bundle directory (no manifest.json)")
+        return path
+    return Path(bentoml.models.get(config.model_tag).path)
+
+
+def _error_response(error: ServeError) -> JSONResponse:
+    if error.limit:
+        get_metrics().limit_violations.labels(limit=error.limit).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@bentoml.service(
+    name="flatprompt",
+    workers=_SETTINGS.workers,
+    threads=_SETTINGS.threads,
+    traffic={"timeout": _SETTINGS.request_timeout_s + 10},  # our own deadline (GuardMiddleware) fires first
+)
+class FlatPrompt:
+    """Classifies images into the bundle's trained classes plus class names registered at run time."""
+
+    def __init__(self) -> None:
+        self._ready = False
+        self.config = ServeConfig.from_env()
+        limits = self.config.limits
+        configure_pil(limits.max_image_pixels)
+        self.metrics = get_metrics(self.config.service.max_batch_size)
+        self.bundle_dir = resolve_bundle_dir(self.config)
+        self.bundle_hash = bundle_hash(self.bundle_dir)
+        started = time.perf_counter()
+        self.bundle = Bundle.load(self.bundle_dir, providers=list(self.config.providers), verify=True)
+        self.provider: str = self.bundle.provider
+        self.precision: str = str(getattr(self.bundle, "precision", "fp32"))
+        self.provider_ok = self.config.require_provider in (None, self.provider)
+        if not self.provider_ok:
+            _logger.error(
+                "active execution provider is %s but FLATPROMPT_REQUIRE_PROVIDER=%s: the service stays unready",
+                self.provider,
+                self.config.require_provider,
+            )
+        model_name = str(self.bundle.manifest.get("model", {}).get("name", "unknown"))
+        self.metrics.model_info.labels(
+            bundle_hash=self.bundle_hash[:16],
+            model=model_name,
+            provider=self.provider,
+            precision=self.precision,
+        ).set(1)
+        self._trained_names = list(self.bundle.class_names)
+        self._trained_keys = {name_key(n) for n in self._trained_names}
+        self._foreign: dict[tuple[str, tuple[str, ...], str], np.ndarray] = {}
+        self._registered: dict[str, StoredClass] = {}
+        self._index_lock = threading.Lock()
+        self._index = ClassIndex.build(
+            self._trained_names, self.bundle.class_counts, self.bundle.class_embeddings, [], version=-1
+        )
+        self.registry = Registry.open(self.config.registry_url)
+        rewritten = self.registry.reembed_stale(
+            self.bundle_hash, int(self.bundle.embed_dim), lambda rows: self._embed_rows(rows)
+        )
+        if rewritten:
+            _logger.info("re-embedded %d registered classes with bundle %s", rewritten, self.bundle_hash[:12])
+        self._refresh_index()
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._warm_up()
+        self._ready = True
+        _logger.info(
+            "ready in %.1f s: bundle %s (%s, %s), %d trained + %d registered classes, registry %s",
+            time.perf_counter() - started,
+            self.bundle_hash[:12],
+            self.provider,
+            self.precision,
+            len(self._trained_names),
+            len(self._index) - len(self._trained_names),
+            self.registry.describe(),
+        )
+
+    # -- probes --------------------------------------------------------------------------------
+    def __is_ready__(self) -> bool:
+        """Ready once the bundle is loaded on the required provider and both towers ran a warm-up."""
+        return self._ready and self.provider_ok
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self.registry.close()
+
+    # -- endpoints -----------------------------------------------------------------------------
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=_SETTINGS.max_batch_size,
+        max_latency_ms=_SETTINGS.max_latency_ms,
+    )
+    def encode_images(self, pixels: list[str]) -> list[str]:
+        """Internal (in-process only): base64 float32 ``[3, S, S]`` images -> base64 float32 ``[E]`` embeddings."""
+        size = int(self.bundle.image_size)
+        expected = 3 * size * size * 4
+        arrays = []
+        for item in pixels:
+            raw = base64.b64decode(item)
+            if len(raw) != expected:
+                raise ServeError(400, "bad_request", f"pixel buffer of {len(raw)} bytes, expected {expected}")
+            arrays.append(np.frombuffer(raw, dtype=np.float32).reshape(3, size, size))
+        batch = np.stack(arrays)
+        started = time.perf_counter()
+        embeddings = self.bundle.embed_images(batch)
+        self.metrics.model_latency.labels(tower="image").observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(tower="image").observe(len(arrays))
+        return [
+            base64.b64encode(np.ascontiguousarray(e, dtype=np.float32).tobytes()).decode("ascii")
+            for e in embeddings
+        ]
+
+    @bentoml.api
+    async def classify(
+        self,
+        images: list[Path],
+        top_k: int = 5,
+        candidates: list[str] | None = None,
+        tau: float = 0.0,
+    ) -> dict[str, Any]:
+        """Classify uploaded image files (multipart ``images``, repeatable) into the top-k classes.
+
+        Args:
+            images: one or more image files (JPEG, PNG, WebP, GIF, BMP).
+            top_k: labels returned per image.
+            candidates: optional subset of class names to choose from (unknown names answer 404).
+            tau: post-hoc logit adjustment strength (0 = off), using the trained class counts.
+        """
+        try:
+            uploads = await self._run(lambda: [_read_upload(p) for p in images])
+            return await self._classify(uploads, None, top_k, candidates, tau)
+        except ServeError as error:
+            return cast(dict[str, Any], _error_response(error))
+
+    @bentoml.api
+    async def classify_base64(
+        self,
+        images: list[str],
+        top_k: int = 5,
+        candidates: list[str] | None = None,
+        tau: float = 0.0,
+    ) -> dict[str, Any]:
+        """Like ``classify``, with images as base64 strings (or ``data:`` URLs) in a JSON body."""
+        try:
+            return await self._classify(None, images, top_k, candidates, tau)
+        except ServeError as error:
+            return cast(dict[str, Any], _error_response(error))
+
+    @bentoml.api
+    def register(self, names: list[str], templates: list[str] | None = None) -> dict[str, Any]:
+        """Register novel class names (needs the bearer token); idempotent.
+
+        Each name is embedded with the bundle's text encoder (learned context included). With
+        ``templates`` (each with one ``{}``), the normalised embeddings of all templates are averaged
+        and renormalised. Status per name: ``created``, ``updated`` (new templates), ``unchanged`` or
+        ``trained`` (already a trained class; nothing stored).
+        """
+        try:
+            return self._register(names, templates)
+        except ServeError as error:
+            return cast(dict[str, Any], _error_response(error))
+
+    @bentoml.api
+    def unregister(self, name: str) -> dict[str, Any]:
+        """Delete one registered class (needs the bearer token); trained classes cannot be deleted (409)."""
+        try:
+            return self._unregister(name)
+        except ServeError as error:
+            return cast(dict[str, Any], _error_response(error))
+
+    @bentoml.api
+    def classes(self, kind: Literal["all", "trained", "registered"] = "all") -> dict[str, Any]:
+        """List the classes: trained ones with their training counts, registered ones with templates."""
+        try:
+            index = self._refresh_index()
+            out: dict[str, Any] = {"registry_version": index.version, "bundle": self.bundle_hash[:16]}
+            if kind in ("all", "trained"):
+                out["trained"] = [
+                    {"name": n, "count": int(c)}
+                    for n, c in zip(self._trained_names, self.bundle.class_counts, strict=True)
+                ]
+            if kind in ("all", "registered"):
+                out["registered"] = [
+                    {"name": c.name, "templates": list(c.templates), "created_at": c.created_at}
+                    for c in self._registered.values()
+                ]
+            return out
+        except ServeError as error:
+            return cast(dict[str, Any], _error_response(error))
+
+    # -- classification ------------------------------------------------------------------------
+    async def _run(self, fn: Any) -> Any:
+        """Run blocking work in a worker thread, at most ``threads`` at a time per worker."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.config.service.threads)
+        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    async def _classify(
+        self,
+        uploads: list[bytes] | None,
+        encoded: list[str] | None,
+        top_k: int,
+        candidates: list[str] | None,
+        tau: float,
+    ) -> dict[str, Any]:
+        if not self.provider_ok:
+            raise ServeError(
+                503, "not_ready", f"model runs on {self.provider}, {self.config.require_provider} required"
+            )
+        limits = self.config.limits
+        count = len(uploads if uploads is not None else encoded or [])
+        if count == 0:
+            raise ServeError(400, "no_images", "send at least one image")
+        if count > limits.max_images_per_request:
+            raise ServeError(
+                413,
+                "too_many_images",
+                f"{count} images, the limit is {limits.max_images_per_request} per request",
+                limit="images_per_request",
+            )
+        if not 1 <= top_k <= limits.max_top_k:
+            raise ServeError(400, "invalid_top_k", f"top_k must be between 1 and {limits.max_top_k}")
+        if not 0.0 <= tau <= limits.max_tau:
+            raise ServeError(400, "invalid_tau", f"tau must be between 0 and {limits.max_tau:g}")
+        if candidates is not None:
+            if not candidates:
+                raise ServeError(
+                    400, "invalid_candidates", "candidates, when given, must name at least one class"
+                )
+            if len(candidates) > limits.max_candidates:
+                raise ServeError(
+                    413,
+                    "too_many_candidates",
+                    f"{len(candidates)} candidates, the limit is {limits.max_candidates}",
+                    limit="candidates",
+                )
+
+        def prepare() -> tuple[np.ndarray, ClassIndex, np.ndarray | None]:
+            files = uploads
+            if files is None:
+                files = [decode_base64(s, i, limits.max_body_bytes) for i, s in enumerate(encoded or [])]
+            pixels = []
+            for i, data in enumerate(files):
+                self.metrics.image_bytes.observe(len(data))
+                image = decode_image(data, i, limits.max_image_pixels)
+                pixels.append(self.bundle.preprocess(image))
+            index = self._refresh_index()
+            rows = None
+            if candidates is not None:
+                rows = index.resolve([clean_name(c, limits.max_name_length) for c in candidates])
+            return np.stack(pixels).astype(np.float32, copy=False), index, rows
+
+        pixels, index, rows = await self._run(prepare)
+        embeddings = await self._encode(pixels)
+
+        def score() -> list[list[dict[str, object]]]:
+            return index.classify(
+                embeddings,
+                logit_scale=float(self.bundle.logit_scale),
+                logit_bias=None if self.bundle.logit_bias is None else float(self.bundle.logit_bias),
+                top_k=top_k,
+                tau=tau,
+                rows=rows,
+            )
+
+        results = await self._run(score)
+        return {
+            "results": [{"labels": labels} for labels in results],
+            "registry_version": index.version,
+            "bundle": self.bundle_hash[:16],
+        }
+
+    async def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Image embeddings through the batchable ``encode_images`` API (adaptive batching)."""
+        client = self.to_async  # type: ignore[attr-defined]  # set by BentoML in the served worker
+        if client.client.headers.get(INTERNAL_HEADER) != internal_token():
+            client.client.headers[INTERNAL_HEADER] = internal_token()
+        items = [base64.b64encode(p.tobytes()).decode("ascii") for p in pixels]
+        try:
+            out = await client.encode_images(items)
+        except bentoml.exceptions.BentoMLException as exc:
+            status = int(getattr(exc, "error_code", 500))
+            if status == 503:
+                raise ServeError(
+                    503,
+                    "overloaded",
+                    "the image encoder is overloaded; retry later",
+                    headers={"retry-after": "1"},
+                ) from None
+            _logger.error("internal encode_images call failed: %s", exc)
+            raise ServeError(500, "internal_error", "image encoding failed; see the server log") from None
+        return np.stack([np.frombuffer(base64.b64decode(s), dtype=np.float32) for s in out])
+
+    # -- registry ------------------------------------------------------------------------------
+    def _refresh_index(self) -> ClassIndex:
+        """The current class index, reloaded from the registry when its version moved."""
+        try:
+            version = self.registry.version()
+        except RegistryError as exc:
+            self.metrics.registry_errors.inc()
+            _logger.warning(
+                "registry unreachable, using the classes of version %d: %s", self._index.version, exc
+            )
+            return self._index
+        if version == self._index.version:
+            return self._index
+        with self._index_lock:
+            if version == self._index.version:
+                return self._index
+            try:
+                snapshot = self.registry.snapshot()
+            except RegistryError as exc:
+                self.metrics.registry_errors.inc()
+                _logger.warning("registry reload failed, keeping version %d: %s", self._index.version, exc)
+                return self._index
+            registered: dict[str, StoredClass] = {}
+            rows: list[tuple[str, np.ndarray]] = []
+            for stored in snapshot.classes:
+                if stored.key in self._trained_keys:
+                    _logger.warning("registered class %r shadows a trained class; ignored", stored.name)
+                    continue
+                registered[stored.key] = stored
+                rows.append((stored.name, self._usable_embedding(stored)))
+            self._registered = registered
+            self._index = ClassIndex.build(
+                self._trained_names,
+                self.bundle.class_counts,
+                self.bundle.class_embeddings,
+                rows,
+                snapshot.version,
+            )
+            self.metrics.registry_reloads.inc()
+            self.metrics.registered_classes.set(len(rows))
+            return self._index
+
+    def _usable_embedding(self, stored: StoredClass) -> np.ndarray:
+        """The stored embedding, or (rows written by another bundle, e.g. mid rolling upgrade) a local one."""
+        if stored.bundle_hash == self.bundle_hash and stored.embedding.shape == (int(self.bundle.embed_dim),):
+            return stored.embedding
+        cache_key = (stored.key, stored.templates, stored.bundle_hash)
+        if cache_key not in self._foreign:
+            self._foreign[cache_key] = self._embed([stored.name], stored.templates)[0]
+        return self._foreign[cache_key]
+
+    def _embed(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        """Normalised ``[N, E]`` text embeddings; several templates are averaged then renormalised."""
+        outs = []
+        for start in range(0, len(names), TEXT_CHUNK):
+            chunk = list(names[start : start + TEXT_CHUNK])
+            total = None
+            variants: list[str | None] = list(templates) if templates else [None]
+            for template in variants:
+                t0 = time.perf_counter()
+                emb = np.asarray(self.bundle.embed_texts(chunk, template), dtype=np.float32)
+                self.metrics.model_latency.labels(tower="text").observe(time.perf_counter() - t0)
+                self.metrics.batch_size.labels(tower="text").observe(len(chunk))
+                total = emb if total is None else total + emb
+            assert total is not None
+            total /= np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+            outs.append(total)
+        return np.concatenate(outs) if outs else np.zeros((0, int(self.bundle.embed_dim)), np.float32)
+
+    def _embed_rows(self, rows: Sequence[tuple[str, tuple[str, ...]]]) -> np.ndarray:
+        """Embed ``(name, templates)`` rows, grouping rows that share templates."""
+        out = np.zeros((len(rows), int(self.bundle.embed_dim)), np.float32)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, (_, templates) in enumerate(rows):
+            groups.setdefault(templates, []).append(i)
+        for templates, idx in groups.items():
+            out[idx] = self._embed([rows[i][0] for i in idx], templates)
+        return out
+
+    def _register(self, names: list[str], templates: list[str] | None) -> dict[str, Any]:
+        limits = self.config.limits
+        if not names:
+            raise ServeError(400, "no_names", "send at least one name")
+        if len(names) > limits.max_names_per_registration:
+            raise ServeError(
+                413,
+                "too_many_names",
+                f"{len(names)} names, the limit is {limits.max_names_per_registration} per registration",
+                limit="names_per_registration",
+            )
+        if templates is not None and len(templates) > limits.max_templates:
+            raise ServeError(
+                413,
+                "too_many_templates",
+                f"{len(templates)} templates, the limit is {limits.max_templates}",
+                limit="templates",
+            )
+        tpl = tuple(dict.fromkeys(clean_template(t, limits.max_template_length) for t in templates or []))
+        cleaned: dict[str, str] = {}
+        for raw in names:
+            name = clean_name(raw, limits.max_name_length)
+            cleaned.setdefault(name_key(name), name)
+        self._refresh_index()
+        results: dict[str, str] = {}
+        todo: list[NewClass] = []
+        need: set[int] = set()  # rows to (re-)embed; the others are expected unchanged
+        for key, name in cleaned.items():
+            if key in self._trained_keys:
+                results[key] = TRAINED
+                continue
+            known = self._registered.get(key)
+            if known is None or known.templates != tpl or known.bundle_hash != self.bundle_hash:
+                need.add(len(todo))
+            todo.append(NewClass(key, name, tpl, None))
+        statuses: list[str] = []
+        for _ in range(3):  # a concurrent delete can turn an "unchanged" row into one to embed
+            if need:
+                ordered = sorted(need)
+                vectors = self._embed([todo[i].name for i in ordered], tpl)
+                for i, vec in zip(ordered, vectors, strict=True):
+                    todo[i] = dataclasses.replace(todo[i], embedding=vec)
+            try:
+                statuses = self.registry.upsert(todo, self.bundle_hash, limits.max_registered_classes)
+            except RegistryFullError as exc:
+                raise ServeError(409, "registry_full", str(exc), limit="registered_classes") from None
+            except RegistryError as exc:
+                self.metrics.registry_errors.inc()
+                _logger.error("registration failed: %s", exc)
+                raise ServeError(
+                    503, "registry_unavailable", "the class registry is unavailable; retry later"
+                ) from None
+            need = {i for i, status in enumerate(statuses) if status == NEEDS_EMBEDDING}
+            if not need:
+                break
+        else:
+            raise ServeError(409, "conflict", "the registry kept changing during registration; retry")
+        results.update({c.key: s for c, s in zip(todo, statuses, strict=True)})
+        index = self._refresh_index()
+        return {
+            "classes": [
+                {
+                    "name": cleaned[key],
+                    "status": results[key],
+                    "kind": TRAINED if results[key] == TRAINED else REGISTERED,
+                }
+                for key in cleaned
+            ],
+            "registered_total": len(self._registered),
+            "registry_version": index.version,
+        }
+
+    def _unregister(self, name: str) -> dict[str, Any]:
+        cleaned = clean_name(name, self.config.limits.max_name_length)
+        key = name_key(cleaned)
+        if key in self._trained_keys:
+            raise ServeError(
+                409,
+                "trained_class",
+                f"{cleaned!r} is a trained class; only registered classes can be deleted",
+            )
+        try:
+            deleted = self.registry.delete(key)
+        except RegistryError as exc:
+            self.metrics.registry_errors.inc()
+            _logger.error("delete failed: %s", exc)
+            raise ServeError(
+                503, "registry_unavailable", "the class registry is unavailable; retry later"
+            ) from None
+        if not deleted:
+            raise ServeError(404, "unknown_class", f"{cleaned!r} is not a registered class")
+        index = self._refresh_index()
+        return {
+            "deleted": cleaned,
+            "registered_total": len(self._registered),
+            "registry_version": index.version,
+        }
+
+    def _warm_up(self) -> None:
+        """Run both towers once (batch 1 and 2 images, a few prompts) so the first request is not slow."""
+        size = int(self.bundle.image_size)
+        for n in (1, 2):
+            out = self.bundle.embed_images(np.zeros((n, 3, size, size), np.float32))
+            if out.shape != (n, int(self.bundle.embed_dim)) or not np.all(np.isfinite(out)):
+                raise RuntimeError(
+                    f"image encoder warm-up returned {out.shape}, expected ({n}, {self.bundle.embed_dim})"
+                )
+        text = self._embed(EXAMPLE_NAMES, ())
+        if text.shape != (len(EXAMPLE_NAMES), int(self.bundle.embed_dim)) or not np.all(np.isfinite(text)):
+            raise RuntimeError(f"text encoder warm-up returned {text.shape}")
+
+
+def _read_upload(path: Path) -> bytes:
+    """Bytes of one uploaded file (BentoML spooled it to a per-request temp file)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ServeError(400, "invalid_image", f"unreadable upload: {exc.strerror}") from None
+
+
+# The decorator returns a bentoml Service, which mypy sees as the plain class.
+cast(Any, FlatPrompt).add_asgi_middleware(GuardMiddleware)
