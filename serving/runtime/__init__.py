@@ -1,0 +1,32 @@
+"""Torch-free runtime for model bundles: tokenizer, image preprocessing, onnxruntime sessions.
+
+Imports only the standard library, numpy, Pillow, onnxruntime, tokenizers and ftfy. Submodules are
+imported lazily so that ``serving.runtime.preprocess`` alone does not pull in onnxruntime.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.runtime.bundle import Bundle, BundleError
+    from serving.runtime.preprocess import PreprocessConfig
+    from serving.runtime.tokenizer import ClipTokenizer
+
+__all__ = ["Bundle", "BundleError", "ClipTokenizer", "PreprocessConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Bundle", "BundleError"):
+        from serving.runtime import bundle
+
+        return getattr(bundle, name)
+    if name == "PreprocessConfig":
+        from serving.runtime.preprocess import PreprocessConfig
+
+        return PreprocessConfig
+    if name == "ClipTokenizer":
+        from serving.runtime.tokenizer import ClipTokenizer
+
+        return ClipTokenizer
+    raise AttributeError(f"module 'serving.runtime' has no attribute {name!r}")

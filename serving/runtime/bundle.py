@@ -1,0 +1,484 @@
+"""Load a model bundle (``docs/bundle.md``) and run it with onnxruntime: torch-free.
+
+>>> bundle = Bundle.load("bundles/toy")                       # doctest: +SKIP
+>>> pixels = np.stack([bundle.preprocess(img) for img in images])  # doctest: +SKIP
+>>> logits = bundle.logits(bundle.embed_images(pixels))     # doctest: +SKIP
+
+Only stdlib, numpy, Pillow, onnxruntime, tokenizers and ftfy are imported here (never torch, open_clip,
+``trainer`` or ``export``), so the serving image stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from serving.runtime.preprocess import PreprocessConfig, preprocess, preprocess_batch
+from serving.runtime.tokenizer import ClipTokenizer
+
+_logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_ENCODER = "image_encoder.onnx"
+TEXT_ENCODER = "text_encoder.onnx"
+IMAGE_ENCODER_FP16 = "image_encoder.fp16.onnx"
+TEXT_ENCODER_FP16 = "text_encoder.fp16.onnx"
+CLASS_EMBEDDINGS = "class_embeddings.npy"
+CLASSES = "classes.json"
+TOKENIZER = "tokenizer.json"
+PRETOKENIZER = "pretokenizer.json"
+REQUIRED_FILES = (IMAGE_ENCODER, TEXT_ENCODER, CLASS_EMBEDDINGS, CLASSES, TOKENIZER)
+IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "token_ids", "embeddings"
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDERS = (CUDA, CPU)
+PRECISIONS = ("auto", "fp32", "fp16")
+_GRAPH_OPT = ("disable", "basic", "extended", "all")
+_FIX = "re-export the bundle with `python -m export` (or copy it again)"
+
+
+class BundleError(Exception):
+    """The bundle cannot be used; the message names the file and the fix."""
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A manifest ``files`` entry: ``{"sha256": ..., "bytes": ...}``."""
+    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse and sanity-check ``manifest.json`` of the bundle directory ``path`` (no file checks)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(
+            f"bundle {root} is not a directory: pass the directory written by `python -m export`"
+        )
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath} is missing: {root} is not a bundle; {_FIX}")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}): the bundle is corrupt; {_FIX}") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} is not a JSON object: the bundle is corrupt; {_FIX}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{mpath} has no valid format_version ({version!r}): {_FIX}")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath} has format_version {version}, newer than this runtime supports ({FORMAT_VERSION}): "
+            "upgrade flatprompt's serving runtime, or export the bundle with the matching older exporter"
+        )
+    for key in ("files", "embed_dim", "context_length", "logit_scale", "prompt", "tokenizer", "preprocess"):
+        if key not in manifest:
+            raise BundleError(f"{mpath} lacks the '{key}' entry: the bundle is incomplete; {_FIX}")
+    if not isinstance(manifest["files"], dict):
+        raise BundleError(f"{mpath}: 'files' must map file names to sha256/bytes; {_FIX}")
+    return manifest
+
+
+def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any], checksums: bool = True) -> None:
+    """Every file the manifest lists exists with its size (and sha256 when ``checksums``); required ones listed."""
+    root = Path(path)
+    files: dict[str, Any] = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise BundleError(f"{root / MANIFEST} does not list the required file {name}: {_FIX}")
+    for name, entry in files.items():
+        if Path(name).name != name:
+            raise BundleError(f"{root / MANIFEST} lists '{name}', which is not a plain file name: {_FIX}")
+        fpath = root / name
+        if not fpath.is_file():
+            raise BundleError(f"bundle file {fpath} is missing: {_FIX}")
+        if not isinstance(entry, dict) or "sha256" not in entry or "bytes" not in entry:
+            raise BundleError(f"{root / MANIFEST}: the entry of {name} needs 'sha256' and 'bytes'; {_FIX}")
+        size = fpath.stat().st_size
+        if size != int(entry["bytes"]):
+            raise BundleError(
+                f"bundle file {fpath} has {size} bytes, the manifest says {entry['bytes']}: "
+                f"the file is truncated or was modified; {_FIX}"
+            )
+        if checksums:
+            digest = sha256_file(fpath)
+            if digest != entry["sha256"]:
+                raise BundleError(
+                    f"bundle file {fpath} has sha256 {digest[:16]}..., the manifest says "
+                    f"{str(entry['sha256'])[:16]}...: the file is corrupt or was modified; {_FIX}"
+                )
+
+
+def session_options(
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+    graph_optimization: str = "all",
+    execution_mode: str = "sequential",
+) -> Any:
+    """``onnxruntime.SessionOptions`` with the knobs that matter for serving.
+
+    Args:
+        intra_op_threads: threads inside one operator; None/0 = onnxruntime's default (all cores). With N
+            server workers on one machine set it to about cores / N (oversubscription otherwise).
+        inter_op_threads: threads across operators (only used with ``execution_mode="parallel"``).
+        graph_optimization: ``disable`` | ``basic`` | ``extended`` | ``all``. fp16 graphs must never run
+            on the CPU provider at ``all`` (onnxruntime 1.32 crashes at session creation); this runtime only
+            loads fp16 files on CUDA.
+        execution_mode: ``sequential`` | ``parallel``.
+    """
+    import onnxruntime as ort
+
+    if graph_optimization not in _GRAPH_OPT:
+        raise ValueError(f"graph_optimization {graph_optimization!r} is not one of {_GRAPH_OPT}")
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[graph_optimization]
+    if intra_op_threads:
+        opts.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads:
+        opts.inter_op_num_threads = int(inter_op_threads)
+    opts.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    return opts
+
+
+def resolve_providers(requested: Sequence[str] | None) -> list[str]:
+    """The requested providers (default: CUDA then CPU) that this onnxruntime build offers, CPU last.
+
+    ``get_available_providers()`` only says a provider is compiled in, not that its libraries load: the
+    active provider is read from the session afterwards (:attr:`Bundle.provider`).
+    """
+    import onnxruntime as ort
+
+    wanted = list(requested) if requested else list(DEFAULT_PROVIDERS)
+    available = set(ort.get_available_providers())
+    out = [p for p in wanted if p in available]
+    if CPU not in out:
+        out.append(CPU)  # always a working fallback
+    dropped = [p for p in wanted if p not in available]
+    if dropped:
+        _logger.info("providers %s are not available in this onnxruntime build; using %s", dropped, out)
+    return out
+
+
+class Bundle:
+    """A loaded bundle: two onnxruntime sessions, the class bank, the tokenizer and the preprocessing.
+
+    Create with :meth:`load`. Attributes:
+
+    - ``path``, ``manifest``: the directory and its parsed ``manifest.json``;
+    - ``class_names``, ``class_counts``, ``class_embeddings`` (float32 ``[C, E]``, L2-normalised);
+    - ``logit_scale`` (already exp'd), ``logit_bias`` (None unless SigLIP-style), ``embed_dim``,
+      ``image_size``, ``context_length``, ``template``, ``n_ctx``, ``placeholder``;
+    - ``providers`` (as requested), ``provider`` (really active: ``session.get_providers()[0]`` of the image
+      session), ``session_providers`` (both sessions), ``precision`` (``fp32``/``fp16``: the graph files
+      in use);
+    - ``preprocess_config`` and ``tokenizer``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        image_session: Any,
+        text_session: Any,
+        tokenizer: ClipTokenizer,
+        class_names: list[str],
+        class_counts: list[int],
+        class_embeddings: np.ndarray,
+        providers: list[str],
+        precision: str,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._image = image_session
+        self._text = text_session
+        self.tokenizer = tokenizer
+        self.class_names = class_names
+        self.class_counts = class_counts
+        self.class_embeddings = class_embeddings
+        self.providers = providers
+        self.precision = precision
+        self.session_providers = {
+            "image_encoder": str(image_session.get_providers()[0]),
+            "text_encoder": str(text_session.get_providers()[0]),
+        }
+        self.provider = self.session_providers["image_encoder"]
+        self.embed_dim = int(manifest["embed_dim"])
+        self.context_length = int(manifest["context_length"])
+        self.logit_scale = float(manifest["logit_scale"])
+        bias = manifest.get("logit_bias")
+        self.logit_bias = None if bias is None else float(bias)
+        prompt = manifest["prompt"]
+        self.template = str(prompt["template"])
+        self.n_ctx = int(prompt.get("n_ctx", 0))
+        self.placeholder = str(prompt.get("placeholder", "X"))
+        self.preprocess_config = PreprocessConfig.from_manifest(manifest["preprocess"])
+        self.image_size = self.preprocess_config.image_size
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        providers: list[str] | None = None,
+        verify: bool = True,
+        *,
+        precision: str = "auto",
+        intra_op_threads: int | None = None,
+        graph_optimization: str = "all",
+    ) -> Bundle:
+        """Check and load a bundle directory.
+
+        Args:
+            path: the bundle directory.
+            providers: onnxruntime providers in preference order; None = CUDA then CPU. Unavailable ones
+                are dropped; what is really active is read back from the sessions.
+            verify: check every file's sha256 (sizes and presence are always checked).
+            precision: ``auto`` (fp16 files when the active provider is CUDA and the bundle has them, else
+                fp32), ``fp32``, or ``fp16`` (refused unless CUDA is active).
+            intra_op_threads: onnxruntime intra-op threads per session (None = its default).
+            graph_optimization: see :func:`session_options` (fp32 graphs only; fp16 graphs on CUDA use it too).
+
+        Raises:
+            BundleError: missing/corrupt/modified files, a newer ``format_version``, inconsistent shapes,
+                or a graph onnxruntime cannot load.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        root = Path(path)
+        manifest = read_manifest(root)
+        verify_files(root, manifest, checksums=verify)
+        files = manifest["files"]
+
+        class_names, class_counts = _read_classes(root / CLASSES)
+        emb = _read_embeddings(root / CLASS_EMBEDDINGS)
+        embed_dim = int(manifest["embed_dim"])
+        if emb.shape != (len(class_names), embed_dim):
+            raise BundleError(
+                f"{root / CLASS_EMBEDDINGS} has shape {emb.shape}, expected ({len(class_names)}, {embed_dim}) "
+                f"from {CLASSES} and the manifest's embed_dim; {_FIX}"
+            )
+        tok_section = manifest["tokenizer"]
+        pre_name = tok_section.get("pretokenizer_file")
+        if pre_name and pre_name not in files:
+            raise BundleError(
+                f"{root / MANIFEST} names pretokenizer_file {pre_name} but does not list it; {_FIX}"
+            )
+        try:
+            tokenizer = ClipTokenizer(
+                root / str(tok_section.get("file", TOKENIZER)),
+                root / pre_name if pre_name else None,
+                context_length=int(manifest["context_length"]),
+                sot_id=int(tok_section.get("sot_id", 49406)),
+                eot_id=int(tok_section.get("eot_id", 49407)),
+                pad_id=int(tok_section.get("pad_id", 0)),
+            )
+        except (OSError, ValueError, KeyError, Exception) as e:  # tokenizers raises plain Exception
+            raise BundleError(f"the tokenizer files of {root} cannot be loaded ({e}); {_FIX}") from e
+
+        requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
+        usable = resolve_providers(requested)
+        opts = session_options(intra_op_threads, graph_optimization=graph_optimization)
+        text32 = _session(root / TEXT_ENCODER, usable, opts)
+        active = str(text32.get_providers()[0])
+        has_fp16 = IMAGE_ENCODER_FP16 in files and TEXT_ENCODER_FP16 in files
+        if precision == "fp16" and not (active == CUDA and has_fp16):
+            raise BundleError(
+                f"precision fp16 needs the CUDA provider and fp16 files in {root}, but the active provider is "
+                f"{active} and fp16 files are {'present' if has_fp16 else 'absent'}: use precision='auto' or "
+                "'fp32', or export with --fp16 and serve on a GPU"
+            )
+        use_fp16 = active == CUDA and has_fp16 and precision in ("auto", "fp16")
+        if use_fp16:
+            text = _session(root / TEXT_ENCODER_FP16, usable, opts)
+            image = _session(root / IMAGE_ENCODER_FP16, usable, opts)
+        else:
+            text = text32
+            image = _session(root / IMAGE_ENCODER, usable, opts)
+        _check_io(image, IMAGE_INPUT, root / (IMAGE_ENCODER_FP16 if use_fp16 else IMAGE_ENCODER))
+        _check_io(text, TEXT_INPUT, root / (TEXT_ENCODER_FP16 if use_fp16 else TEXT_ENCODER))
+        bundle = cls(
+            root,
+            manifest,
+            image,
+            text,
+            tokenizer,
+            class_names,
+            class_counts,
+            emb,
+            requested,
+            "fp16" if use_fp16 else "fp32",
+        )
+        if providers and requested[0] != bundle.provider:
+            _logger.warning(
+                "bundle %s: requested provider %s but %s is active", root, requested[0], bundle.provider
+            )
+        _logger.info(
+            "loaded bundle %s: %d classes, embed_dim %d, provider %s, %s",
+            root,
+            len(class_names),
+            embed_dim,
+            bundle.provider,
+            bundle.precision,
+        )
+        return bundle
+
+    session_options = staticmethod(session_options)
+
+    # ------------------------------------------------------------------------------------------ text
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """Prompt texts -> token ids int64 ``[N, context_length]`` (open_clip's ids)."""
+        return self.tokenizer(texts)
+
+    def prompt_text(self, name: str, template: str | None = None) -> str:
+        """The prompt text of a class name: ``template.format(name)`` (default: the bundle's template).
+
+        For a prompt-tuned bundle (``n_ctx > 0``) the template must start with the ``n_ctx`` placeholder
+        words (``"X X X X "``): the learned context overwrites those token positions inside the graph.
+        """
+        tpl = self.template if template is None else template
+        if "{}" not in tpl:
+            raise ValueError(f"prompt template {tpl!r} has no '{{}}' for the class name")
+        if self.n_ctx > 0:
+            prefix = " ".join([self.placeholder] * self.n_ctx) + " "
+            if not tpl.startswith(prefix):
+                raise ValueError(
+                    f"this bundle has {self.n_ctx} learned context tokens: a template must start with "
+                    f"{prefix!r} (got {tpl!r})"
+                )
+        return tpl.format(name)  # as PromptedCLIP.tokenize does
+
+    def embed_token_ids(self, token_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Token ids int64 ``[N, L]`` -> L2-normalised text embeddings float32 ``[N, E]``."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 2 or ids.shape[1] != self.context_length:
+            raise ValueError(f"token_ids must be [N, {self.context_length}], got {ids.shape}")
+        ids = ids.astype(np.int64, copy=False)
+        return self._run(self._text, TEXT_INPUT, ids, batch_size)
+
+    def embed_texts(self, names: list[str], template: str | None = None, batch_size: int = 256) -> np.ndarray:
+        """Class names -> L2-normalised text embeddings float32 ``[N, E]`` through ``text_encoder.onnx``.
+
+        Each name is put into the prompt template (:meth:`prompt_text`), tokenised and encoded in batches
+        of ``batch_size``; a prompt-tuned bundle applies its learned context.
+        """
+        if isinstance(names, str):
+            raise TypeError("names must be a list of strings, not a single string")
+        if not names:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        texts = [self.prompt_text(n, template) for n in names]
+        return self.embed_token_ids(self.tokenize(texts), batch_size)
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """A PIL image -> float32 ``[3, S, S]`` (open_clip's eval transform; see ``preprocess.py``)."""
+        return preprocess(image, self.preprocess_config)
+
+    def preprocess_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> float32 ``[N, 3, S, S]``."""
+        return preprocess_batch(images, self.preprocess_config)
+
+    def embed_images(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Preprocessed pixels float32 ``[N, 3, S, S]`` -> L2-normalised image embeddings float32 ``[N, E]``."""
+        x = np.asarray(pixels)
+        s = self.image_size
+        if x.ndim != 4 or x.shape[1:] != (3, s, s):
+            raise ValueError(f"pixels must be [N, 3, {s}, {s}], got {x.shape}")
+        return self._run(self._image, IMAGE_INPUT, x.astype(np.float32, copy=False), batch_size)
+
+    # ------------------------------------------------------------------------------------------ scores
+
+    def logits(self, image_embeddings: np.ndarray, class_embeddings: np.ndarray | None = None) -> np.ndarray:
+        """``logit_scale * cos + logit_bias`` float32 ``[N, C]`` (default classes: the bundle's)."""
+        bank = self.class_embeddings if class_embeddings is None else class_embeddings
+        out = self.logit_scale * (np.asarray(image_embeddings, np.float32) @ bank.T)
+        if self.logit_bias is not None:
+            out = out + self.logit_bias
+        return out.astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _run(self, session: Any, input_name: str, x: np.ndarray, batch_size: int) -> np.ndarray:
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        step = max(1, int(batch_size))
+        outs = [session.run([OUTPUT], {input_name: x[i : i + step]})[0] for i in range(0, x.shape[0], step)]
+        out = np.concatenate(outs) if len(outs) > 1 else outs[0]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"Bundle({str(self.path)!r}, classes={len(self.class_names)}, embed_dim={self.embed_dim}, "
+            f"provider={self.provider!r}, precision={self.precision!r})"
+        )
+
+
+def _session(path: Path, providers: list[str], opts: Any) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise BundleError(
+            f"onnxruntime cannot load {path} ({type(e).__name__}: {str(e)[:200]}); {_FIX}"
+        ) from e
+
+
+def _check_io(session: Any, input_name: str, path: Path) -> None:
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [input_name] or OUTPUT not in outputs:
+        raise BundleError(
+            f"{path} has inputs {inputs} and outputs {outputs}, expected [{input_name!r}] -> {OUTPUT!r}; {_FIX}"
+        )
+
+
+def _read_classes(path: Path) -> tuple[list[str], list[int]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        names = [str(n) for n in data["names"]]
+        counts = [int(c) for c in data.get("counts", [0] * len(names))]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path} is not a valid classes file ({e}); {_FIX}") from e
+    if len(counts) != len(names):
+        raise BundleError(f"{path} has {len(names)} names but {len(counts)} counts; {_FIX}")
+    return names, counts
+
+
+def _read_embeddings(path: Path) -> np.ndarray:
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path} is not a valid .npy array ({e}); {_FIX}") from e
+    if emb.ndim != 2 or not np.all(np.isfinite(emb)):
+        raise BundleError(f"{path} must be a finite 2-D array, got shape {emb.shape}; {_FIX}")
+    return np.ascontiguousarray(emb, dtype=np.float32)
