@@ -43,6 +43,7 @@ import numpy as np
 import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from trainer.errors import UserError
 from trainer.landscape import SHARPNESS_DEFINITION, Landscape, TaskBuilder, run_landscape
@@ -306,6 +307,8 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
         )
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _minor_label(v, lo, hi) else ""))
     ax.set_ylim(-3, 112)
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("test accuracy of the class (%)")
@@ -318,10 +321,23 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _minor_label(v: float, lo: float, hi: float) -> bool:
+    """Label 2 and 5 times a power of ten when the axis spans less than three decades."""
+    if hi / lo > 1000:
+        return False
+    lead = round(v / 10 ** math.floor(math.log10(v)), 6)
+    return lead in (2.0, 5.0)
+
+
 def _mark_drw(ax: Axes, drw: int | None, label: bool) -> None:
+    """A dotted line at x = drw - 1: epoch k's record sits at x = k and its training spans (k - 1, k]."""
     if drw is not None:
         ax.axvline(
-            drw - 1, color="#9467bd", linestyle=":", linewidth=1.5, label="re-weighting on" if label else None
+            drw - 1,
+            color="#9467bd",
+            linestyle=":",
+            linewidth=1.5,
+            label=f"re-weighting on (from epoch {drw})" if label else None,
         )
 
 
@@ -335,10 +351,14 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
     (ax_loss, ax_acc), (ax_grp, ax_lr) = axes
 
     ax_loss.plot(
-        epochs, [r.get("train_loss", math.nan) for r in m], color="#333", label="training loss", **style
+        epochs,
+        [r.get("train_loss", math.nan) for r in m],
+        color="#333",
+        label="training loss (as optimised)",
+        **style,
     )
     ax_loss.set_ylabel("loss (per-epoch mean)")
-    ax_loss.set_title("training loss")
+    ax_loss.set_title("training loss" + (" (class-weighted after the switch)" if drw is not None else ""))
 
     ax_acc.plot(epochs, [_pct(r.get("train_acc")) for r in m], color="#999", label="train (running)", **style)
     for key, name, colour in (
@@ -386,10 +406,11 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
     lr_handles, lr_labels = ax_lr.get_legend_handles_labels()
     if noise:
         ax_nf = ax_lr.twinx()
+        # the factor of epoch k holds over (k - 1, k]
         ax_nf.step(
-            [e for e, _ in noise],
-            [v for _, v in noise],
-            where="mid",
+            [noise[0][0] - 1] + [e for e, _ in noise],
+            [noise[0][1]] + [v for _, v in noise],
+            where="pre",
             color="#e377c2",
             linewidth=1.5,
             label="GNM noise factor",
@@ -406,13 +427,14 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
             ax.set_xlabel("epoch")
     if drw is not None and lr_handles:
         lr_handles.append(plt.Line2D([], [], color="#9467bd", linestyle=":", linewidth=1.5))
-        lr_labels.append("re-weighting on")
+        lr_labels.append(f"re-weighting on (from epoch {drw})")
     for ax in (ax_loss, ax_acc, ax_grp):
         ax.legend(fontsize=8, loc="best")
     ax_lr.legend(lr_handles, lr_labels, fontsize=8, loc="best")
-    if len(epochs) <= 12:
-        for ax in axes.flat:
-            ax.set_xticks(epochs)
+    for ax in axes.flat:
+        ax.set_xlim(0, max(epochs, default=1) + 0.5)
+        if len(epochs) <= 12:
+            ax.set_xticks([0, *epochs])
     switch = f"; re-weighting from epoch {drw}" if drw is not None else ""
     fig.suptitle(f"{run.label}: training curves ({len(epochs)} epochs{switch})", fontsize=13)
     fig.tight_layout()
@@ -613,9 +635,9 @@ def plot_sharpness(results: Sequence[Landscape], path: Path) -> Path:
     b1 = ax.bar(x - 0.2, sharp, 0.38, color="#1f77b4", label="sharpness: mean rise at |alpha| = 0.5")
     b2 = ax.bar(x + 0.2, rise, 0.38, color="#ff7f0e", label="max rise over alpha in [-1, 1]")
     for bars in (b1, b2):
-        for b in bars:
-            v = b.get_height()
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+        for b, v in zip(bars, [*sharp] if bars is b1 else [*rise], strict=True):
+            va = "bottom" if v >= 0 else "top"
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va=va, fontsize=8)
     ax.set_xticks(
         x,
         [r.label for r in results],
