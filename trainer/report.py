@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -689,29 +689,47 @@ def _table_html(runs: Sequence[RunRecord]) -> str:
 
 
 def _config_html(run: RunRecord) -> str:
-    c = run.config
-    get: Callable[[str, str], Any] = lambda sec, key: (c.get(sec) or {}).get(key)  # noqa: E731
+    """The settings that tell runs apart, from the run's ``config.yaml``."""
+
+    def sec(name: str) -> dict[str, Any]:
+        return dict(run.config.get(name) or {})
+
+    model, data, prompt, optim, rw, train = (
+        sec(n) for n in ("model", "data", "prompt", "optim", "reweight", "train")
+    )
+    data_bits = [str(data.get("kind"))]
+    data_bits += [f"{k} {data[k]}" for k in ("root", "imbalance", "shots") if data.get(k) is not None]
+    data_bits += ["base-to-novel"] if data.get("base_to_novel") else []
+    data_bits += [f"seed {data.get('seed')}"]
+    prompt_bits = [f"ctx M={prompt.get('n_ctx')}"]
+    if prompt.get("n_ctx"):
+        prompt_bits.append(f"init {prompt.get('ctx_init')!r}" if prompt.get("ctx_init") else "random init")
+    else:
+        prompt_bits.append(f"template {prompt.get('template')!r}")
+    if prompt.get("vpt_length"):
+        prompt_bits.append(f"VPT Lp={prompt['vpt_length']} {'deep' if prompt.get('vpt_deep') else 'shallow'}")
+    optim_bits = [f"{optim.get('name')}", f"lr {optim.get('lr')}", f"wd {optim.get('weight_decay')}"]
+    if optim.get("name") in ("sam", "asam", "gnm", "gcsam"):
+        optim_bits.insert(1, f"over {optim.get('base')}")
+        optim_bits.append(f"rho {optim.get('rho') if optim.get('rho') is not None else 'default'}")
+    if optim.get("name") == "gnm":
+        optim_bits.append(f"kappa {optim.get('kappa')}")
+    if optim.get("name") == "gcsam":
+        optim_bits.append(f"beta {optim.get('beta1')} / {optim.get('beta2')}")
+    rw_text = str(rw.get("name"))
+    if rw.get("name") == "drw":
+        rw_text += f", beta {rw.get('beta')}, on from epoch {drw_switch_epoch(run.metrics) or '-'}"
+    elif rw.get("name") == "logit_adjust":
+        rw_text += f", tau {rw.get('tau')}"
     items = [
-        ("model", f"{get('model', 'name')} ({get('model', 'pretrained') or 'packaged / random'})"),
-        (
-            "data",
-            f"{get('data', 'kind')}, imbalance {get('data', 'imbalance')}, shots {get('data', 'shots')}, seed {get('data', 'seed')}",
-        ),
-        (
-            "prompts",
-            f"ctx M={get('prompt', 'n_ctx')} init '{get('prompt', 'ctx_init')}', VPT Lp={get('prompt', 'vpt_length')} deep={get('prompt', 'vpt_deep')}",
-        ),
-        (
-            "optimizer",
-            f"{get('optim', 'name')} (base {get('optim', 'base')}), lr {get('optim', 'lr')}, wd {get('optim', 'weight_decay')}, rho {get('optim', 'rho')}",
-        ),
-        (
-            "re-weighting",
-            f"{get('reweight', 'name')} (beta {get('reweight', 'beta')}, switch at epoch {drw_switch_epoch(run.metrics) or '-'})",
-        ),
+        ("model", f"{model.get('name')} ({model.get('pretrained') or 'packaged weights / random init'})"),
+        ("data", ", ".join(data_bits)),
+        ("prompts", ", ".join(prompt_bits)),
+        ("optimizer", ", ".join(optim_bits)),
+        ("re-weighting", rw_text),
         (
             "training",
-            f"{get('train', 'epochs')} epochs, batch {get('data', 'batch_size')}, seed {get('train', 'seed')}",
+            f"{train.get('epochs')} epochs, batch {data.get('batch_size')}, seed {train.get('seed')}",
         ),
         ("shot rule", run.shot_rule or "-"),
     ]
