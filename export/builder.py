@@ -1,0 +1,387 @@
+"""Write a complete, verified bundle directory (``docs/bundle.md``) from an :class:`ExportSource`.
+
+Everything is written into a hidden temporary directory next to ``out`` and renamed into place at the end,
+after the parity checks passed and the torch-free runtime loaded the result with checksums verified. Any
+failure (or Ctrl-C) removes the temporary directory: no partial bundle is ever left at ``out``. An
+existing bundle at ``out`` is only replaced with ``force=True`` (and only if it looks like a bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export import graphs, parity
+from export.sources import ExportSource
+from export.tokenizer import tokenizer_manifest, write_pretokenizer_json, write_tokenizer_json
+from serving.runtime import bundle as rt
+from serving.runtime.preprocess import PreprocessConfig
+from trainer.errors import UserError
+from trainer.prompts import PromptedCLIP
+
+_logger = logging.getLogger(__name__)
+
+TEXT_BATCH = 256
+_EXTRA_TEXTS = ["a brand new class", "Ünïcödé 名前 🐾", "x"]
+
+
+@dataclass
+class ExportOptions:
+    """Knobs of :func:`export_bundle` (the CLI's flags)."""
+
+    opset: int = graphs.DEFAULT_OPSET
+    fp16: bool = False
+    exporter: str = "auto"
+    force: bool = False
+    tol: float = parity.FP32_TOL
+    fp16_tol: float = parity.FP16_TOL
+    batch_sizes: tuple[int, ...] = parity.BATCH_SIZES
+    parity_images: int = 12
+    seed: int = 0
+    exif_transpose: bool = False  # recorded in the manifest; False = open_clip's and the trainer's behaviour
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ExportError(Exception):
+    """The export ran but its result is not acceptable (parity, runtime load); nothing was written."""
+
+
+def preprocess_config(source: ExportSource, exif_transpose: bool = False) -> PreprocessConfig:
+    """The runtime preprocessing config of the source model (open_clip's ``preprocess_cfg``)."""
+    spec = source.preprocess
+    cfg = getattr(source.model.clip.visual, "preprocess_cfg", None) or {}
+    return PreprocessConfig(
+        image_size=int(spec.image_size),
+        mean=tuple(float(v) for v in spec.mean),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in spec.std),  # type: ignore[arg-type]
+        interpolation=str(spec.interpolation),
+        resize_mode=str(spec.resize_mode),
+        fill_color=int(cfg.get("fill_color", 0) or 0),
+        exif_transpose=exif_transpose,
+    )
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(
+                f"{out} already exists: choose another --out or pass --force to replace the bundle"
+            )
+        if not out.is_dir() or (any(out.iterdir()) and not (out / rt.MANIFEST).is_file()):
+            raise UserError(
+                f"{out} exists and is not a bundle directory: refusing to replace it even with --force; "
+                "choose another --out"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old: Path | None = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _encode_names_torch(model: PromptedCLIP, names: list[str]) -> np.ndarray:
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(names), TEXT_BATCH):
+            outs.append(model.encode_names(names[i : i + TEXT_BATCH]).float().cpu().numpy())
+    return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
+
+
+def _base_manifest(
+    source: ExportSource, options: ExportOptions, pre: PreprocessConfig, context_length: int, embed_dim: int
+) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import open_clip
+
+    model = source.model
+    ident = source.identity
+    return {
+        "format_version": rt.FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {
+            "name": ident.name,
+            "pretrained": ident.pretrained,
+            "config_path": ident.config_path,
+            "open_clip_version": open_clip.__version__,
+            "weights_sha256": ident.weights_sha256,
+            "checkpoint_sha256": source.checkpoint_sha256,
+        },
+        "source": {
+            "kind": source.kind,
+            "checkpoint": source.checkpoint,
+            "checkpoint_sha256": source.checkpoint_sha256,
+            **source.extra,
+        },
+        "onnx": {
+            "opset": options.opset,
+            "exporter": None,
+            "onnx_version": onnx.__version__,
+            "onnxruntime_version": onnxruntime.__version__,
+            "torch_version": torch.__version__,
+        },
+        "logit_scale": float(model.logit_scale),
+        "logit_bias": None if model.logit_bias is None else float(model.logit_bias),
+        "embed_dim": embed_dim,
+        "context_length": context_length,
+        "prompt": {
+            "template": model.template,
+            "n_ctx": int(model.n_ctx),
+            "placeholder": "X",
+            "vpt_length": int(getattr(model, "vpt_length", 0)),
+            "vpt_deep": bool(getattr(model, "vpt_deep", False)) and int(getattr(model, "vpt_length", 0)) > 0,
+        },
+        "tokenizer": tokenizer_manifest(context_length, rt.TOKENIZER, rt.PRETOKENIZER),
+        "preprocess": pre.to_manifest(),
+        "classes": {"count": len(source.class_names), "file": rt.CLASSES, "embeddings": rt.CLASS_EMBEDDINGS},
+        "graphs": {
+            "image_encoder": {
+                "fp32": rt.IMAGE_ENCODER,
+                "fp16": rt.IMAGE_ENCODER_FP16 if options.fp16 else None,
+                "input": {
+                    "name": rt.IMAGE_INPUT,
+                    "dtype": "float32",
+                    "shape": ["N", 3, pre.image_size, pre.image_size],
+                },
+                "output": {
+                    "name": rt.OUTPUT,
+                    "dtype": "float32",
+                    "shape": ["N", embed_dim],
+                    "l2_normalised": True,
+                },
+            },
+            "text_encoder": {
+                "fp32": rt.TEXT_ENCODER,
+                "fp16": rt.TEXT_ENCODER_FP16 if options.fp16 else None,
+                "input": {"name": rt.TEXT_INPUT, "dtype": "int64", "shape": ["N", context_length]},
+                "output": {
+                    "name": rt.OUTPUT,
+                    "dtype": "float32",
+                    "shape": ["N", embed_dim],
+                    "l2_normalised": True,
+                },
+            },
+        },
+        "parity": {},
+        "files": {},
+    }
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
+    manifest["files"] = {
+        f.name: rt.file_entry(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != rt.MANIFEST
+    }
+    (tmp / rt.MANIFEST).write_text(
+        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+
+def _cuda_in_ort() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _measure(
+    source: ExportSource,
+    bundle: rt.Bundle,
+    bank: np.ndarray,
+    pre: PreprocessConfig,
+    options: ExportOptions,
+    tmp: Path,
+) -> dict[str, Any]:
+    """All parity figures (see :mod:`export.parity`)."""
+    model = source.model
+    size = pre.image_size
+    names = source.class_names
+    result: dict[str, Any] = {
+        "tolerance": options.tol,
+        "fp16_tolerance": options.fp16_tol,
+        "provider": bundle.provider,
+    }
+
+    prompts = [model.template.format(n) for n in names[:512]]
+    result["tokenizer"] = parity.tokenizer_parity(
+        model.tokenizer, bundle.tokenize, prompts + parity.HARD_TEXTS
+    )
+
+    images = parity.parity_images(options.parity_images, size, options.seed)
+    result["preprocess"] = parity.preprocess_parity(pre, images)
+
+    img_inputs = [parity.random_pixels(b, size, options.seed + b) for b in options.batch_sizes]
+    img_inputs.append(bundle.preprocess_batch(images))
+    result["image_fp32"] = parity.graph_parity(
+        model.encode_image, bundle.embed_images, img_inputs, options.batch_sizes
+    )
+    result["image_fp32"]["parity_images"] = len(images)
+
+    pool = names + _EXTRA_TEXTS
+    txt_inputs = []
+    for k, b in enumerate(options.batch_sizes):
+        picked = [pool[(k * 7 + j) % len(pool)] for j in range(b)]
+        txt_inputs.append(model.tokenize(picked).numpy())
+    result["text_fp32"] = parity.graph_parity(
+        model.encode_token_ids, bundle.embed_token_ids, txt_inputs, options.batch_sizes
+    )
+
+    ort_bank = bundle.embed_texts(names)
+    result["class_bank_fp32"] = {"classes": len(names), "max_abs_diff": float(np.abs(ort_bank - bank).max())}
+
+    with torch.no_grad():
+        torch_img = model.encode_image(torch.from_numpy(img_inputs[-1])).float().numpy()
+    ort_img = bundle.embed_images(img_inputs[-1])
+    result["top1"] = parity.top1_agreement(torch_img, ort_img, bank)
+    result["top1_agreement"] = result["top1"]["top1_agreement"]
+
+    if options.fp16:
+        cuda = _cuda_in_ort()
+        with torch.no_grad():
+            img_refs = [model.encode_image(torch.from_numpy(x)).float().numpy() for x in img_inputs]
+            txt_refs = [model.encode_token_ids(torch.from_numpy(x)).float().numpy() for x in txt_inputs]
+        result["image_fp16"] = parity.fp16_parity(
+            tmp / rt.IMAGE_ENCODER_FP16, rt.IMAGE_INPUT, img_inputs, img_refs, cuda
+        )
+        result["text_fp16"] = parity.fp16_parity(
+            tmp / rt.TEXT_ENCODER_FP16, rt.TEXT_INPUT, txt_inputs, txt_refs, cuda
+        )
+    return result
+
+
+def export_bundle(
+    source: ExportSource, out: str | os.PathLike[str], options: ExportOptions | None = None
+) -> ExportResult:
+    """Export ``source`` into the bundle directory ``out``; see the module docstring for the guarantees.
+
+    Raises:
+        UserError: bad input (existing ``out`` without ``force``, bad opset/exporter, unsupported model).
+        ExportError: parity outside tolerance, or the runtime cannot load the result.
+    """
+    import time
+
+    opts = options or ExportOptions()
+    if not opts.batch_sizes or min(opts.batch_sizes) < 1:
+        raise UserError(f"parity batch sizes must be >= 1, got {opts.batch_sizes}")
+    target = Path(out).expanduser().absolute()
+    _prepare_target(target, opts.force)
+    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        model = source.model.cpu().float().eval()
+        source.model = model
+        pre = preprocess_config(source, opts.exif_transpose)
+        context_length = int(model.clip.context_length)
+        probe = model.tokenize(source.class_names[:2])
+        if probe.shape[1] != context_length:
+            raise UserError(
+                f"the model's tokenizer gives {probe.shape[1]} tokens but its context length is {context_length}"
+            )
+        with torch.no_grad():
+            embed_dim = int(model.encode_token_ids(probe).shape[1])
+
+        example_img = torch.randn(
+            2, 3, pre.image_size, pre.image_size, generator=torch.Generator().manual_seed(0)
+        )
+        example_txt = model.tokenize((source.class_names * 2)[:2])
+        kind_img = graphs.export_tower(
+            graphs.ImageTower(model),
+            example_img,
+            rt.IMAGE_INPUT,
+            tmp / rt.IMAGE_ENCODER,
+            opts.opset,
+            opts.exporter,
+        )
+        kind_txt = graphs.export_tower(
+            graphs.TextTower(model),
+            example_txt,
+            rt.TEXT_INPUT,
+            tmp / rt.TEXT_ENCODER,
+            opts.opset,
+            opts.exporter,
+        )
+        info = {
+            "image_encoder": graphs.check_graph(tmp / rt.IMAGE_ENCODER),
+            "text_encoder": graphs.check_graph(tmp / rt.TEXT_ENCODER),
+        }
+        timings["onnx_export_s"] = time.perf_counter() - t0
+
+        write_tokenizer_json(tmp / rt.TOKENIZER)
+        write_pretokenizer_json(tmp / rt.PRETOKENIZER)
+        bank = _encode_names_torch(model, source.class_names)
+        np.save(tmp / rt.CLASS_EMBEDDINGS, bank)
+        (tmp / rt.CLASSES).write_text(
+            json.dumps(
+                {"names": source.class_names, "counts": source.class_counts}, ensure_ascii=False, indent=1
+            ),
+            encoding="utf-8",
+        )
+        if opts.fp16:
+            graphs.convert_fp16(tmp / rt.IMAGE_ENCODER, tmp / rt.IMAGE_ENCODER_FP16)
+            graphs.convert_fp16(tmp / rt.TEXT_ENCODER, tmp / rt.TEXT_ENCODER_FP16)
+
+        manifest = _base_manifest(source, opts, pre, context_length, embed_dim)
+        manifest["onnx"]["exporter"] = (
+            kind_img if kind_img == kind_txt else {"image_encoder": kind_img, "text_encoder": kind_txt}
+        )
+        manifest["onnx"]["graphs"] = info
+        _write_manifest(tmp, manifest)
+
+        t1 = time.perf_counter()
+        try:
+            bundle = rt.Bundle.load(tmp, providers=[rt.CPU], verify=False, precision="fp32")
+        except rt.BundleError as e:
+            raise ExportError(f"the exported bundle does not load in the runtime: {e}") from e
+        manifest["parity"] = _measure(source, bundle, bank, pre, opts, tmp)
+        timings["parity_s"] = time.perf_counter() - t1
+        del bundle
+        parity.check(manifest["parity"], opts.tol, opts.fp16_tol)
+
+        _write_manifest(tmp, manifest)
+        try:
+            rt.Bundle.load(tmp, providers=[rt.CPU], verify=True, precision="fp32")
+        except rt.BundleError as e:
+            raise ExportError(f"the finished bundle does not verify: {e}") from e
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, target)
+    except (parity.ParityError, graphs.GraphExportError) as e:
+        raise ExportError(str(e)) from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - t0
+    _logger.info("bundle written to %s in %.1f s", target, timings["total_s"])
+    return ExportResult(path=target, manifest=manifest, timings=timings)

@@ -1,0 +1,283 @@
+"""Parity checks run at export time: onnxruntime (through the torch-free runtime) against torch.
+
+Every figure lands in the manifest's ``parity`` section; :func:`check` raises :class:`ParityError` (the
+export fails, nothing is written) when one is outside its tolerance.
+
+- graphs: max abs diff of the L2-normalised embeddings at batch sizes 1, 2 and 5 (dynamic-axis bugs show
+  up as wrong results at one batch size only), plus the parity image set for the image graph;
+- tokenizer: the runtime's ids must equal open_clip's for every class prompt and a set of hard strings;
+- preprocessing: the runtime's pixels against open_clip's own eval transform;
+- class bank: the stored (torch) class embeddings against the ONNX text graph through the runtime;
+- top-1: the class picked for each parity image by torch and by onnxruntime;
+- fp16: measured in-process on CUDA when onnxruntime has it, else on the CPU provider in a child process at
+  ``ORT_ENABLE_EXTENDED`` (``ORT_ENABLE_ALL`` crashes fp16 graphs on the CPU provider in onnxruntime 1.32,
+  and a crash must not take the exporter down); "not measured on CPU" when even that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+_logger = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 5)
+FP32_TOL = 1e-4
+FP16_TOL = 1e-2
+TOP1_TIE_MARGIN = 1e-3  # a top-1 flip between logits closer than this (cosine units) is a tie, not a failure
+HARD_TEXTS = [
+    "a photo of a Cat.",
+    "",
+    "Crème brûlée &amp; ﬁsh",
+    "日本語 emoji 🐱👍🏽",
+    "it's   MiXeD\tcase\n123",
+    "word " * 90,
+]
+
+
+class ParityError(Exception):
+    """onnxruntime's results differ from torch's beyond tolerance: the export is refused."""
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def parity_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """``n`` varied PIL images: toy-world renders (real-looking scenes), shapes, gradients and noise.
+
+    Sizes and modes vary (smaller/larger than ``size``, non-square, L/RGBA/P) so preprocessing is exercised
+    too. Deterministic for a given seed.
+    """
+    rng = np.random.default_rng(seed)
+    images: list[Image.Image] = []
+    try:
+        from trainer.toyworld.world import render_image
+
+        for i in range(max(1, n // 3)):
+            side = int(rng.choice([size, size * 2, max(8, size // 2)]))
+            images.append(render_image(seed, 2, i, domain="shifted" if i % 2 else "clean", image_size=side))
+    except Exception as e:  # the toy world is optional here
+        _logger.info("toy-world parity images unavailable (%s); using drawn images only", e)
+    while len(images) < n:
+        k = len(images)
+        w, h = int(rng.integers(8, 3 * size + 8)), int(rng.integers(8, 3 * size + 8))
+        kind = k % 4
+        if kind == 0:  # shapes on a background
+            img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 256, 3)))
+            draw = ImageDraw.Draw(img)
+            for _ in range(3):
+                x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+                box = (x0, y0, x0 + int(rng.integers(2, w + 1)), y0 + int(rng.integers(2, h + 1)))
+                fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+                (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        elif kind == 1:  # gradient
+            gx = np.linspace(0, 255, w)[None, :, None]
+            gy = np.linspace(255, 0, h)[:, None, None]
+            arr = np.concatenate([gx + 0 * gy, gy + 0 * gx, (gx + gy) / 2], axis=2)
+            img = Image.fromarray(arr.astype(np.uint8), "RGB")
+        elif kind == 2:  # noise
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        else:  # checkerboard in another mode
+            tile = max(1, min(w, h) // 6)
+            yy, xx = np.mgrid[0:h, 0:w]
+            arr = (((yy // tile + xx // tile) % 2) * 200 + 30).astype(np.uint8)
+            img = Image.fromarray(arr, "L")
+        mode = ["RGB", "L", "RGBA", "P"][k % 4] if kind != 3 else "L"
+        images.append(img.convert(mode))
+    return images[:n]
+
+
+def random_pixels(n: int, size: int, seed: int) -> np.ndarray:
+    """Normalised-pixel-like noise float32 ``[n, 3, size, size]``."""
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def _torch(fn: Any, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return fn(torch.from_numpy(x)).float().cpu().numpy()
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) if a.size else 0.0
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def graph_parity(
+    torch_fn: Any, ort_fn: Any, inputs: Sequence[np.ndarray], batch_sizes: Sequence[int]
+) -> dict[str, Any]:
+    """Max abs diff between ``torch_fn`` and ``ort_fn`` (both ndarray -> [N, E]) over the given inputs."""
+    per_batch: dict[str, float] = {}
+    worst = 0.0
+    for x in inputs:
+        d = _max_diff(_torch(torch_fn, x), ort_fn(x))
+        key = str(x.shape[0])
+        per_batch[key] = max(per_batch.get(key, 0.0), d)
+        worst = max(worst, d)
+    return {
+        "max_abs_diff": worst,
+        "batch_sizes": sorted({int(b) for b in batch_sizes}),
+        "per_batch": per_batch,
+    }
+
+
+def tokenizer_parity(torch_tokenize: Any, runtime_tokenize: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """Exact comparison of token ids (open_clip's tokenizer vs the runtime's)."""
+    ref = np.asarray(torch_tokenize(list(texts)))
+    got = np.asarray(runtime_tokenize(list(texts)))
+    bad = [
+        t for t, r, g in zip(texts, ref, got, strict=True) if r.shape != g.shape or not np.array_equal(r, g)
+    ]
+    return {"texts": len(texts), "mismatches": len(bad), "first_mismatch": bad[0][:80] if bad else None}
+
+
+def preprocess_parity(runtime_cfg: Any, images: Sequence[Image.Image]) -> dict[str, Any]:
+    """Runtime preprocessing vs open_clip's ``image_transform`` on ``convert("RGB")``-ed images."""
+    from open_clip.transform import image_transform
+
+    from serving.runtime.preprocess import preprocess
+
+    ref_tf = image_transform(
+        runtime_cfg.image_size,
+        is_train=False,
+        mean=runtime_cfg.mean,
+        std=runtime_cfg.std,
+        resize_mode=runtime_cfg.resize_mode,
+        interpolation=runtime_cfg.interpolation,
+        fill_color=runtime_cfg.fill_color,
+    )
+    worst = 0.0
+    for img in images:
+        ref = ref_tf(img.convert("RGB")).numpy()
+        worst = max(worst, _max_diff(ref, preprocess(img, runtime_cfg)))
+    return {"images": len(images), "max_abs_diff": worst}
+
+
+def top1_agreement(
+    torch_emb: np.ndarray, ort_emb: np.ndarray, bank: np.ndarray, margin: float = TOP1_TIE_MARGIN
+) -> dict[str, Any]:
+    """Share of images whose top-1 class is the same under torch and onnxruntime; flips beyond a tie count."""
+    if bank.shape[0] == 0 or torch_emb.shape[0] == 0:
+        return {"top1_agreement": 1.0, "images": int(torch_emb.shape[0]), "flips_beyond_tie": 0}
+    t_scores = torch_emb @ bank.T
+    o_scores = ort_emb @ bank.T
+    t_top = t_scores.argmax(1)
+    o_top = o_scores.argmax(1)
+    agree = float((t_top == o_top).mean())
+    rows = np.arange(len(t_top))
+    gaps = t_scores[rows, t_top] - t_scores[rows, o_top]
+    flips = int(((t_top != o_top) & (gaps > margin)).sum())
+    return {"top1_agreement": agree, "images": len(t_top), "flips_beyond_tie": flips}
+
+
+# --------------------------------------------------------------------------------------------- fp16
+
+_CHILD = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+args = json.loads(sys.argv[1])
+so = ort.SessionOptions()
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+so.log_severity_level = 3
+sess = ort.InferenceSession(args["model"], so, providers=["CPUExecutionProvider"])
+data = np.load(args["inputs"])
+out = {k: sess.run(["embeddings"], {args["input_name"]: data[k]})[0] for k in data.files}
+np.savez(args["outputs"], **out)
+"""
+
+
+def fp16_parity(
+    model_path: Path, input_name: str, inputs: Sequence[np.ndarray], refs: Sequence[np.ndarray], cuda: bool
+) -> dict[str, Any]:
+    """Max abs diff of an fp16 graph against the torch fp32 outputs ``refs``.
+
+    On CUDA in-process; else on the CPU provider in a child process (ORT_ENABLE_EXTENDED); a crash of the
+    child yields ``{"status": "not measured on CPU"}``.
+    """
+    if cuda:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(
+            str(model_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
+        if sess.get_providers()[0] == "CUDAExecutionProvider":
+            worst = max(
+                _max_diff(r, sess.run(["embeddings"], {input_name: x})[0])
+                for x, r in zip(inputs, refs, strict=True)
+            )
+            return {"status": "measured", "provider": "CUDAExecutionProvider", "max_abs_diff": worst}
+    with tempfile.TemporaryDirectory(prefix="fp16-parity-") as tmp:
+        in_path, out_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+        arrays: dict[str, Any] = {f"x{i}": x for i, x in enumerate(inputs)}
+        np.savez(in_path, **arrays)
+        args = {
+            "model": str(model_path),
+            "input_name": input_name,
+            "inputs": str(in_path),
+            "outputs": str(out_path),
+        }
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHILD, json.dumps(args)],
+                capture_output=True,
+                timeout=600,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return {"status": "not measured on CPU", "reason": "timed out"}
+        if proc.returncode != 0 or not out_path.is_file():
+            reason = f"onnxruntime CPU child exited with {proc.returncode}: {proc.stderr.decode(errors='replace')[-200:]}"
+            _logger.warning("fp16 parity of %s not measured: %s", model_path.name, reason)
+            return {"status": "not measured on CPU", "reason": reason}
+        out = np.load(out_path)
+        worst = max(_max_diff(r, out[f"x{i}"]) for i, r in enumerate(refs))
+    return {
+        "status": "measured",
+        "provider": "CPUExecutionProvider",
+        "graph_optimization": "extended",
+        "max_abs_diff": worst,
+    }
+
+
+# --------------------------------------------------------------------------------------------- verdict
+
+
+def check(parity: dict[str, Any], tol: float = FP32_TOL, fp16_tol: float = FP16_TOL) -> None:
+    """Raise :class:`ParityError` listing every figure outside tolerance."""
+    problems: list[str] = []
+    for key in ("image_fp32", "text_fp32", "class_bank_fp32"):
+        d = parity.get(key, {}).get("max_abs_diff")
+        if d is None or not np.isfinite(d) or d > tol:
+            problems.append(f"{key} max abs diff {d} > {tol}")
+    tok = parity.get("tokenizer", {})
+    if tok.get("mismatches", 1):
+        problems.append(
+            f"tokenizer ids differ from open_clip's for {tok.get('mismatches')} texts "
+            f"(first: {tok.get('first_mismatch')!r})"
+        )
+    pre = parity.get("preprocess", {}).get("max_abs_diff")
+    if pre is None or pre > 1e-6:
+        problems.append(f"preprocessing max abs diff {pre} > 1e-6 against open_clip's transform")
+    top1 = parity.get("top1", {})
+    if top1.get("flips_beyond_tie", 1):
+        problems.append(
+            f"top-1 class differs on {top1.get('flips_beyond_tie')} images (agreement {top1.get('top1_agreement')})"
+        )
+    for key in ("image_fp16", "text_fp16"):
+        entry = parity.get(key)
+        if entry and entry.get("status") == "measured" and not entry["max_abs_diff"] <= fp16_tol:
+            problems.append(f"{key} max abs diff {entry['max_abs_diff']} > {fp16_tol}")
+    if problems:
+        raise ParityError("onnxruntime does not match torch: " + "; ".join(problems))
