@@ -66,8 +66,9 @@ def decode_image(data: bytes, index: int, max_image_pixels: int) -> Image.Image:
         raise invalid_image("empty file (0 bytes)", index)
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
-    except Image.DecompressionBombError:
-        raise _too_many_pixels(index, None, max_image_pixels) from None
+    except Image.DecompressionBombError as exc:  # over twice the limit: PIL refuses in open()
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_many_pixels(index, int(found.group(1)) if found else None, max_image_pixels) from None
     except (OSError, ValueError, SyntaxError, TypeError) as exc:
         # UnidentifiedImageError is an OSError: not an image, or a format outside the allow-list.
         raise invalid_image(
@@ -94,8 +95,13 @@ def decode_image(data: bytes, index: int, max_image_pixels: int) -> Image.Image:
     return rgb
 
 
-def _too_many_pixels(index: int, size: tuple[int, int] | None, limit: int) -> ServeError:
-    dims = f"{size[0]}x{size[1]} " if size else ""
+def _too_many_pixels(index: int, size: tuple[int, int] | int | None, limit: int) -> ServeError:
+    if isinstance(size, tuple):
+        dims = f"{size[0]}x{size[1]} "
+    elif size is not None:
+        dims = f"{size} pixels "
+    else:
+        dims = ""
     return ServeError(
         413,
         "image_too_large",

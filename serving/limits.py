@@ -51,6 +51,7 @@ INTERNAL_PATHS = frozenset({"/encode_images"})
 MULTIPART_PATHS = frozenset({"/classify"})
 JSON_PATHS = frozenset({"/classify_base64", "/register", "/unregister", "/classes", "/encode_images"})
 INTERNAL_HEADER = "x-flatprompt-internal"
+WORKER_HEADER = "x-flatprompt-worker"  # BentoML worker index that answered (debugging, tests)
 
 _internal_token: str | None = None
 _internal_lock = threading.Lock()
@@ -63,6 +64,65 @@ def internal_token() -> str:
         if _internal_token is None:
             _internal_token = secrets.token_urlsafe(32)
         return _internal_token
+
+
+def _worker_id() -> str:
+    try:
+        from bentoml import server_context
+
+        index = server_context.worker_index
+    except ImportError:  # pragma: no cover - bentoml is always there when serving
+        index = None
+    return str(index if index is not None else 0)
+
+
+def harden_multipart_parsing() -> bool:
+    """Patch two gaps of BentoML 1.4's multipart parser (``_bentoml_impl.serde.MultipartSerde``).
+
+    1. A *text* value in a file field is treated as a URL and downloaded (``ensure_file``): a
+       server-side request to any public host, with no size limit, before our code runs. We refuse
+       text values instead (400).
+    2. Malformed multipart bodies and unexpected binary fields raise ``UnicodeDecodeError``,
+       Starlette's ``HTTPException`` or ``ValueError``, which BentoML answers with 500. We turn them
+       into ``BadInput`` (400). Our own :class:`BodyTooLarge` and pydantic errors pass unchanged.
+
+    Returns False (and logs) when the private hooks are not where BentoML 1.4 has them.
+    """
+    try:
+        from _bentoml_impl import serde
+        from bentoml.exceptions import BadInput, BentoMLException
+        from pydantic import ValidationError
+        from starlette.datastructures import UploadFile
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        _logger.warning("cannot harden BentoML's multipart parser: private module moved")
+        return False
+    cls: Any = serde.MultipartSerde
+    if not hasattr(cls, "ensure_file") or not hasattr(cls, "parse_request"):
+        _logger.warning("cannot harden BentoML's multipart parser: its methods are gone")
+        return False
+    if getattr(cls, "_flatprompt_hardened", False):
+        return True
+    original_parse = cls.parse_request
+
+    async def ensure_file(obj: object) -> UploadFile:
+        if isinstance(obj, UploadFile):
+            return obj
+        raise BadInput("file fields take uploaded files; URLs and text values are not fetched")
+
+    async def parse_request(self: Any, request: Any, model: Any) -> Any:
+        try:
+            return await original_parse(self, request, model)
+        except (BentoMLException, BodyTooLarge, ValidationError):
+            raise  # BentoML answers these itself (400), BodyTooLarge becomes 413 in the guard
+        except (UnicodeDecodeError, HTTPException, ValueError, KeyError) as exc:
+            detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+            raise BadInput(f"malformed multipart body: {str(detail)[:200]}") from None
+
+    cls.ensure_file = staticmethod(ensure_file)
+    cls.parse_request = parse_request
+    cls._flatprompt_hardened = True
+    return True
 
 
 class BodyTooLarge(Exception):
@@ -326,6 +386,11 @@ class GuardMiddleware:
             get_metrics().requests.labels(
                 endpoint=endpoint_label(scope.get("path", "")), outcome=outcome_for_status(state.status)
             ).inc()
+            message = dict(message)
+            message["headers"] = [
+                *message.get("headers", []),
+                (WORKER_HEADER.encode(), _worker_id().encode()),
+            ]
         await send(message)
 
 

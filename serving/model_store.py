@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import shutil
 import sys
@@ -23,35 +22,22 @@ _logger = logging.getLogger(__name__)
 DEFAULT_NAME = "flatprompt"
 
 
-def verify_files(bundle_dir: Path) -> dict[str, object]:
-    """Check every file listed in ``manifest.json`` (sha256 and size); return the manifest."""
-    manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
-    for name, info in manifest.get("files", {}).items():
-        path = bundle_dir / name
-        if not path.is_file():
-            raise ValueError(f"bundle file {name} is missing")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != info.get("sha256") or path.stat().st_size != info.get("bytes", path.stat().st_size):
-            raise ValueError(f"bundle file {name} does not match its manifest entry")
-    return dict(manifest)
-
-
 def import_bundle(bundle_dir: str | Path, name: str = DEFAULT_NAME) -> str:
     """Copy a verified bundle into the model store (``BENTOML_HOME``); return the new tag."""
     import bentoml
 
+    from serving.runtime.bundle import read_manifest, verify_files
+
     source = Path(bundle_dir)
-    manifest = verify_files(source)
+    manifest = read_manifest(source)
+    verify_files(source, manifest, checksums=True)
     bundle_hash = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
-    model_info = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    model_info = manifest.get("model") or {}
     labels = {"bundle_hash": bundle_hash[:16], "format_version": str(manifest.get("format_version"))}
-    metadata = {"bundle_hash": bundle_hash, "model": model_info}
+    metadata = {"bundle_hash": bundle_hash, "model_name": str(model_info.get("name") or "unknown")}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         target = Path(model.path)
-        listed = manifest.get("files")
-        files = ["manifest.json", *(listed if isinstance(listed, dict) else {})]
-        for rel in files:
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        for rel in ["manifest.json", *manifest["files"]]:
             shutil.copy2(source / rel, target / rel)
     _logger.info("imported %s as %s", source, model.tag)
     return str(model.tag)
@@ -66,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         tag = import_bundle(args.bundle, args.name)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # BundleError, OSError, BentoML's ValueError on a bad name
         _logger.error("cannot import %s: %s", args.bundle, exc)
         return 2
     sys.stdout.write(tag + "\n")

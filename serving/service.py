@@ -25,6 +25,7 @@ import base64
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from starlette.responses import JSONResponse
 
 from serving.config import ServeConfig, service_settings
 from serving.errors import ServeError
-from serving.limits import INTERNAL_HEADER, GuardMiddleware, internal_token
+from serving.limits import INTERNAL_HEADER, GuardMiddleware, harden_multipart_parsing, internal_token
 
 with bentoml.importing():
     import anyio
@@ -99,11 +100,18 @@ class FlatPrompt:
         self.config = ServeConfig.from_env()
         limits = self.config.limits
         configure_pil(limits.max_image_pixels)
+        harden_multipart_parsing()
         self.metrics = get_metrics(self.config.service.max_batch_size)
         self.bundle_dir = resolve_bundle_dir(self.config)
         self.bundle_hash = bundle_hash(self.bundle_dir)
         started = time.perf_counter()
-        self.bundle = Bundle.load(self.bundle_dir, providers=list(self.config.providers), verify=True)
+        self.bundle = Bundle.load(
+            self.bundle_dir,
+            providers=list(self.config.providers),
+            verify=True,
+            intra_op_threads=self.config.service.ort_threads
+            or max(1, (os.cpu_count() or 1) // self.config.service.workers),
+        )
         self.provider: str = self.bundle.provider
         self.precision: str = str(getattr(self.bundle, "precision", "fp32"))
         self.provider_ok = self.config.require_provider in (None, self.provider)
@@ -347,12 +355,14 @@ class FlatPrompt:
 
     async def _encode(self, pixels: np.ndarray) -> np.ndarray:
         """Image embeddings through the batchable ``encode_images`` API (adaptive batching)."""
-        client = self.to_async  # type: ignore[attr-defined]  # set by BentoML in the served worker
-        if client.client.headers.get(INTERNAL_HEADER) != internal_token():
-            client.client.headers[INTERNAL_HEADER] = internal_token()
+        # self.to_async is BentoML's in-process client of this very service (set in the served worker).
+        # Its _call takes extra headers: the internal token proves the call came from here (see limits.py).
+        proxy = self.to_async  # type: ignore[attr-defined]
         items = [base64.b64encode(p.tobytes()).decode("ascii") for p in pixels]
         try:
-            out = await client.encode_images(items)
+            out = await proxy._call(
+                proxy.endpoints["encode_images"], (items,), {}, headers={INTERNAL_HEADER: internal_token()}
+            )
         except bentoml.exceptions.BentoMLException as exc:
             status = int(getattr(exc, "error_code", 500))
             if status == 503:
@@ -463,7 +473,11 @@ class FlatPrompt:
                 f"{len(templates)} templates, the limit is {limits.max_templates}",
                 limit="templates",
             )
-        tpl = tuple(dict.fromkeys(clean_template(t, limits.max_template_length) for t in templates or []))
+        tpl = tuple(
+            dict.fromkeys(
+                self._bundle_template(clean_template(t, limits.max_template_length)) for t in templates or []
+            )
+        )
         cleaned: dict[str, str] = {}
         for raw in names:
             name = clean_name(raw, limits.max_name_length)
@@ -516,6 +530,24 @@ class FlatPrompt:
             "registered_total": len(self._registered),
             "registry_version": index.version,
         }
+
+    def _bundle_template(self, template: str) -> str:
+        """A client template as the bundle needs it.
+
+        A prompt-tuned bundle (``n_ctx > 0``) learned ``n_ctx`` context tokens that overwrite the first
+        placeholder words of the prompt, so its templates must start with them: a client template
+        without them (``"a photo of a {}."``) gets them prepended (``"X X X X a photo of a {}."``).
+        """
+        n_ctx = int(getattr(self.bundle, "n_ctx", 0))
+        if n_ctx > 0:
+            prefix = " ".join([str(self.bundle.placeholder)] * n_ctx) + " "
+            if not template.startswith(prefix):
+                template = prefix + template
+        try:
+            self.bundle.prompt_text("example", template)
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ServeError(400, "invalid_template", f"template {template!r} is unusable: {exc}") from None
+        return template
 
     def _unregister(self, name: str) -> dict[str, Any]:
         cleaned = clean_name(name, self.config.limits.max_name_length)
