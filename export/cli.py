@@ -108,11 +108,15 @@ def _source(ns: argparse.Namespace) -> object:
     return sources.zero_shot(ns.model, ns.pretrained, names, ns.template, ns.model_config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the exporter; returns the exit code (0 ok, 1 export failed its checks, 2 bad input)."""
-    ns = build_parser().parse_args(argv)
-    level = getattr(logging, str(ns.log_level).upper(), logging.INFO)
-    # open_clip logs its own chatter on the root logger: keep that at WARNING unless asked for DEBUG
+def _setup_logging(level_name: str) -> None:
+    """Log to stderr at ``level_name`` for our packages; open_clip's root-logger chatter stays at WARNING.
+
+    Left alone when logging is already configured (the CLI embedded in tests or another program).
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    level = getattr(logging, level_name.upper(), logging.INFO)
     logging.basicConfig(
         level=max(level, logging.WARNING) if level > logging.DEBUG else level,
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
@@ -120,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("export", "serving", "trainer"):
         logging.getLogger(name).setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the exporter; returns the exit code (0 ok, 1 export failed its checks, 2 bad input)."""
+    ns = build_parser().parse_args(argv)
+    _setup_logging(str(ns.log_level))
     from export.builder import ExportError, ExportOptions, export_bundle
 
     try:

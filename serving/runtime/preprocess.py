@@ -109,7 +109,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "F":
         arr8 = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
-    for via in ("RGBA", "RGB", "L"):  # La, RGBa, LAB, ... : whatever PIL can reach
+    for via in ("RGBA", "LA", "RGB", "L"):  # La, RGBa, LAB, ... : whatever PIL can reach
         try:
             return image.convert(via).convert("RGB")
         except (ValueError, OSError):
