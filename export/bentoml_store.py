@@ -56,8 +56,8 @@ def save_to_bentoml(bundle_dir: str | Path, name: str) -> str:
                 shutil.copy2(src / rel, target / rel)
     except (ValueError, BentoMLException) as e:
         raise UserError(
-            f"BentoML refused model name '{name}' ({e}): use lower-case letters, digits, '-', '_' or '.', "
-            "optionally ':version'"
+            f"BentoML could not save model '{name}' ({e}): use lower-case letters, digits, '-', '_' or '.', "
+            "optionally ':version' with a version that is not in the store yet"
         ) from e
     _logger.info("saved %s to the BentoML model store as %s", src, entry.tag)
     return str(entry.tag)

@@ -339,16 +339,19 @@ def test_interrupted_export_leaves_nothing_behind(tuned, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_force_replaces_a_bundle_and_to_bentoml_saves_it(tuned, tuned_bundle, tmp_path):
+def test_force_replaces_a_bundle_and_hands_it_to_bentoml(tuned, tuned_bundle, tmp_path, monkeypatch, capsys):
+    from export import bentoml_store
+
+    saved: list[tuple[Path, str]] = []
+
+    def fake_save(path, name):
+        saved.append((Path(path), name))
+        return f"{name}:v1"
+
+    monkeypatch.setattr(bentoml_store, "save_to_bentoml", fake_save)
     out = tmp_path / "b"
     shutil.copytree(tuned_bundle, out)
-    old_created = json.loads((out / "manifest.json").read_text())["created"]
-    home = tmp_path / "bentoml"
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "export",
+    rc = _export_cli(
         "--checkpoint",
         str(tuned["ckpt"]),
         "--out",
@@ -358,17 +361,32 @@ def test_force_replaces_a_bundle_and_to_bentoml_saves_it(tuned, tuned_bundle, tm
         "torchscript",
         "--to-bentoml",
         "flatprompt-test",
-        "--log-level",
-        "WARNING",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    )
+    assert rc == 0
     assert json.loads((out / "manifest.json").read_text())["onnx"]["exporter"] == "torchscript"
-    assert json.loads((out / "manifest.json").read_text())["created"] >= old_created
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "bentoml"]
-    tag = next(line for line in proc.stdout.splitlines() if line.startswith("bentoml: ")).split(": ", 1)[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no .partial / .old leftovers
+    assert saved == [(out, "flatprompt-test")]
+    assert "bentoml: flatprompt-test:v1" in capsys.readouterr().out
+    assert _load(out).class_names == CLASS_NAMES
+
+
+def test_save_to_bentoml_copies_the_bundle_into_the_store(tuned_bundle, tmp_path):
+    home = tmp_path / "bentoml"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    code = "import sys; from export.bentoml_store import save_to_bentoml; print(save_to_bentoml(sys.argv[1], 'fp-test'))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tuned_bundle)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tag = proc.stdout.strip().splitlines()[-1]
+    assert tag.startswith("fp-test:")
     stored = home / "models" / tag.replace(":", "/")
-    assert (stored / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+    assert (stored / "manifest.json").read_bytes() == (tuned_bundle / "manifest.json").read_bytes()
     assert _load(stored).class_names == CLASS_NAMES
 
 
@@ -376,5 +394,15 @@ def test_bad_bentoml_name_is_a_user_error(tuned_bundle):
     from export.bentoml_store import save_to_bentoml
     from trainer.errors import UserError
 
-    with pytest.raises(UserError, match="BentoML refused model name"):
+    with pytest.raises(UserError, match="BentoML could not save model"):
         save_to_bentoml(tuned_bundle, "Not A Valid Name!")
+
+
+def test_fp16_parity_reports_not_measured_when_onnxruntime_cannot_run_it(tmp_path):
+    from export.parity import fp16_parity
+
+    bogus = tmp_path / "broken.fp16.onnx"
+    bogus.write_bytes(b"not an onnx graph")
+    x = np.zeros((1, 3, 4, 4), np.float32)
+    entry = fp16_parity(bogus, "pixels", [x], [np.zeros((1, 2), np.float32)], cuda=False)
+    assert entry["status"] == "not measured on CPU" and "CPUExecutionProvider" in entry["reason"]
