@@ -41,6 +41,7 @@ from serving.errors import ServeError
 from serving.limits import INTERNAL_HEADER, GuardMiddleware, harden_multipart_parsing, internal_token
 
 with bentoml.importing():
+    import aiohttp
     import anyio
     import anyio.to_thread
 
@@ -61,6 +62,7 @@ with bentoml.importing():
 _logger = logging.getLogger(__name__)
 _SETTINGS = service_settings()  # import time: the decorators below need these
 TEXT_CHUNK = 256  # prompts per text-encoder call
+ENCODE_ATTEMPTS = 3  # sends of one internal encode_images call (see _encode)
 
 EXAMPLE_NAMES = ["okapi", "snow leopard"]
 
@@ -359,21 +361,36 @@ class FlatPrompt:
         # Its _call takes extra headers: the internal token proves the call came from here (see limits.py).
         proxy = self.to_async  # type: ignore[attr-defined]
         items = [base64.b64encode(p.tobytes()).decode("ascii") for p in pixels]
-        try:
-            out = await proxy._call(
-                proxy.endpoints["encode_images"], (items,), {}, headers={INTERNAL_HEADER: internal_token()}
-            )
-        except bentoml.exceptions.BentoMLException as exc:
-            status = int(getattr(exc, "error_code", 500))
-            if status == 503:
-                raise ServeError(
-                    503,
-                    "overloaded",
-                    "the image encoder is overloaded; retry later",
-                    headers={"retry-after": "1"},
-                ) from None
-            _logger.error("internal encode_images call failed: %s", exc)
-            raise ServeError(500, "internal_error", "image encoding failed; see the server log") from None
+        for attempt in range(1, ENCODE_ATTEMPTS + 1):
+            try:
+                out = await proxy._call(
+                    proxy.endpoints["encode_images"],
+                    (items,),
+                    {},
+                    headers={INTERNAL_HEADER: internal_token()},
+                )
+                break
+            except bentoml.exceptions.BentoMLException as exc:
+                status = int(getattr(exc, "error_code", 500))
+                if status == 503:
+                    raise ServeError(
+                        503,
+                        "overloaded",
+                        "the image encoder is overloaded; retry later",
+                        headers={"retry-after": "1"},
+                    ) from None
+                _logger.error("internal encode_images call failed: %s", exc)
+                raise ServeError(500, "internal_error", "image encoding failed; see the server log") from None
+            except (OSError, aiohttp.ClientError) as exc:
+                # BentoML 1.4.40's in-process client recycles its aiohttp session every 100 requests and
+                # closes it under requests still in flight ("Server disconnected"); the call is a pure
+                # function of its input, so it is safe to send again.
+                if attempt == ENCODE_ATTEMPTS:
+                    _logger.error("internal encode_images call failed %d times: %r", attempt, exc)
+                    raise ServeError(
+                        500, "internal_error", "image encoding failed; see the server log"
+                    ) from None
+                _logger.info("internal encode_images call dropped (%r); retrying", exc)
         return np.stack([np.frombuffer(base64.b64decode(s), dtype=np.float32) for s in out])
 
     # -- registry ------------------------------------------------------------------------------

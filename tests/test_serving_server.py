@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import json
 import os
 import shutil
 import subprocess
@@ -61,7 +62,7 @@ def http(server: Server) -> Iterator[httpx.Client]:
 
 def _classify(http: httpx.Client, *images: bytes, **fields: Any) -> httpx.Response:
     files = [("images", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    data = {k: v if isinstance(v, str) else __import__("json").dumps(v) for k, v in fields.items()}
+    data = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
     return http.post("/classify", files=files, data=data)
 
 
