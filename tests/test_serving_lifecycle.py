@@ -1,6 +1,6 @@
 """Serving lifecycle against real servers: model-store loading, restarts, bundle changes, two services on
-one PostgreSQL, mutations refused without a token, SIGTERM draining an in-flight request, the real toy
-bundle from ``python -m export --toy`` when its checkpoint exists.
+one PostgreSQL, mutations refused without a token, SIGTERM draining an in-flight request, a bundle
+written by ``python -m export``.
 """
 
 from __future__ import annotations
@@ -187,17 +187,23 @@ def test_sigterm_drains_an_in_flight_request(pg_services: tuple[Server, Server])
         httpx.get(b.url + "/livez", timeout=2)
 
 
-# -- the real toy bundle --------------------------------------------------------------------------
+# -- a bundle written by the real exporter ------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_real_toy_bundle(tmp_path: Path) -> None:
-    """``python -m export --toy`` (needs the toy CLIP checkpoint) served end to end."""
-    if not (REPO / "trainer" / "assets" / "toyclip.pt").is_file():
-        pytest.skip("toy CLIP checkpoint missing: run `python -m trainer pretrain-toy` first")
-    out = tmp_path / "toy-bundle"
+def test_real_exporter_bundle(tmp_path: Path) -> None:
+    """A bundle from ``python -m export`` served end to end: the toy CLIP (``--toy``) when its checkpoint
+    exists, else a randomly initialised tiny open_clip model (``tests/fixtures/tiny-clip.json``)."""
+    out = tmp_path / "exported"
+    if (REPO / "trainer" / "assets" / "toyclip.pt").is_file():
+        args = ["--toy"]
+    else:
+        names = tmp_path / "classes.txt"
+        names.write_text("cat\ndog\nbird\n")
+        config = REPO / "tests" / "fixtures" / "tiny-clip.json"
+        args = ["--zero-shot", "--model", "tiny-clip", "--model-config", str(config), "--classes", str(names)]
     export = subprocess.run(
-        [sys.executable, "-m", "export", "--toy", "--out", str(out)],
+        [sys.executable, "-m", "export", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -207,7 +213,7 @@ def test_real_toy_bundle(tmp_path: Path) -> None:
     classes: Any = json.loads((out / "classes.json").read_text())["names"]
     env = {
         "FLATPROMPT_BUNDLE": str(out),
-        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{tmp_path}/toy.db",
+        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{tmp_path}/exported.db",
         "FLATPROMPT_TOKEN": TOKEN,
     }
     with running_server(tmp_path / "run", env) as server:
@@ -216,11 +222,11 @@ def test_real_toy_bundle(tmp_path: Path) -> None:
         assert response.json()["results"][0]["labels"][0]["name"] in classes
         registered = httpx.post(
             server.url + "/register",
-            json={"names": ["novel toy thing"], "templates": ["a photo of a {}.", "a picture of a {}."]},
+            json={"names": ["novel thing"], "templates": ["a photo of a {}.", "a picture of a {}."]},
             headers=AUTH,
             timeout=60,
         )
         assert registered.status_code == 200, registered.text
-        response = _classify(server.url, ["novel toy thing", classes[0]])
+        response = _classify(server.url, ["novel thing", classes[0]])
         assert response.status_code == 200
         assert {lab["kind"] for lab in response.json()["results"][0]["labels"]} == {"registered", "trained"}
