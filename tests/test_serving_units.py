@@ -476,3 +476,32 @@ def test_guard_admission_control() -> None:
     status, body, headers = _call(guard, "/classes", b"{}")
     assert status == 429 and body["error"] == "overloaded" and headers["retry-after"] == "1"
     assert _call(guard, "/readyz")[0] == 200  # probes are never refused
+
+
+# -- the import rule ---------------------------------------------------------------------------
+
+FORBIDDEN = {"torch", "open_clip", "torchvision", "trainer", "export"}
+
+
+def test_serving_never_imports_torch_or_training_code() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "serving"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] not in FORBIDDEN, f"{path}: imports {module}"
+    code = (
+        "import sys, serving.service; bad = {m.split('.')[0] for m in sys.modules} & %r; print(sorted(bad))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code % FORBIDDEN], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
