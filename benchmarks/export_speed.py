@@ -89,6 +89,24 @@ def quantize(src: Path, out: Path) -> Path:
     return dst
 
 
+def transformers_optimized(src: Path, out: Path) -> Path | None:
+    """``onnxruntime.transformers.optimizer`` (model_type "vit") on the fp32 graph: extra fusions, or None."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        opt = optimize_model(
+            str(src), model_type="vit", num_heads=0, hidden_size=0, opt_level=1, use_gpu=False
+        )
+        dst = out / "image.fused.onnx"
+        opt.save_model_to_file(str(dst))
+        fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+        _logger.info("transformers optimizer fusions: %s", fused)
+        return dst
+    except Exception as e:  # optional extra
+        _logger.warning("transformers optimizer failed: %s", e)
+        return None
+
+
 def ort_variant(
     path: Path, name: str, threads: int, level: str, provider: str = "CPUExecutionProvider"
 ) -> Variant:
@@ -233,6 +251,9 @@ def bench_model(key: str, ns: argparse.Namespace, out: Path) -> list[str]:
         ort_variant(fp32, f"ort fp32 opt={lvl}", threads, lvl)
         for lvl in ("disable", "basic", "extended", "all")
     ]
+    fused = transformers_optimized(fp32, work)
+    if fused is not None:
+        variants.append(ort_variant(fused, "ort fp32 +transformers optimizer", threads, "all"))
     time_variants(variants, [b], repeats, size)
     lines += [f"graph optimisation levels, batch {b}, {threads} threads:", ""]
     lines += [*table(key, variants, [b], "torch eager fp32"), ""]

@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", help="text file, one class name per line (zero-shot; --toy defaults to the toy world's)"
     )
     p.add_argument(
-        "--template",
-        default=ZERO_SHOT_TEMPLATE,
-        help="zero-shot prompt template with '{}' (default: %(default)r)",
+        "--template", help=f"zero-shot prompt template with '{{}}' (default: {ZERO_SHOT_TEMPLATE!r})"
     )
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
@@ -83,20 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _source(ns: argparse.Namespace) -> object:
     from export import sources
+    from trainer.prompts import ZERO_SHOT_TEMPLATE
 
     if ns.checkpoint:
         if ns.model_config:
             from trainer.models import register_model_config
 
             register_model_config(ns.model_config)
-        if ns.classes:
-            raise UserError("--classes is only for --zero-shot/--toy: a checkpoint carries its own classes")
+        if ns.classes or ns.template:
+            raise UserError(
+                "--classes/--template are only for --zero-shot/--toy: a checkpoint carries its own classes and prompt"
+            )
         return sources.from_checkpoint(ns.checkpoint, expect_model=ns.model, expect_pretrained=ns.pretrained)
     names = sources.read_class_file(ns.classes) if ns.classes else None
+    template = ns.template or ZERO_SHOT_TEMPLATE
     if ns.toy:
         if ns.model or ns.pretrained or ns.model_config:
             raise UserError("--toy uses the embedded toy CLIP: drop --model/--pretrained/--model-config")
-        return sources.toy(names, ns.template)
+        return sources.toy(names, template)
     if not ns.model:
         raise UserError(
             "--zero-shot needs --model NAME (an open_clip model name, or the stem of --model-config)"
@@ -105,7 +107,7 @@ def _source(ns: argparse.Namespace) -> object:
         raise UserError("--zero-shot needs --classes names.txt (one class name per line)")
     if ns.pretrained is None:
         _logger.warning("--pretrained not given: exporting a RANDOMLY INITIALISED %s", ns.model)
-    return sources.zero_shot(ns.model, ns.pretrained, names, ns.template, ns.model_config)
+    return sources.zero_shot(ns.model, ns.pretrained, names, template, ns.model_config)
 
 
 def _setup_logging(level_name: str) -> None:

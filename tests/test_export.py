@@ -262,6 +262,7 @@ def test_bad_inputs_exit_2_with_one_line(tuned, tmp_path, capsys):
             "trained on model 'tiny-clip', not 'ViT-B-16'",
         ),
         (["--zero-shot", "--model", TINY_NAME, "--model-config", str(TINY_CONFIG)], "needs --classes"),
+        (["--checkpoint", str(tuned["ckpt"]), "--template", "a {}."], "carries its own classes and prompt"),
         (["--zero-shot", "--model", "no-such-model", "--classes", str(garbage)], "class file"),
     ]
     for args, msg in cases:
