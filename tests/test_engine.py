@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer.reweight import build_loss
 
 from tests.conftest import TINY_CONFIG, TINY_NAME
 from tests.synthetic import synthetic_task
@@ -21,6 +20,7 @@ from trainer.engine import train_step, warmup_cosine
 from trainer.errors import UserError
 from trainer.optim import build_optimizer
 from trainer.prompts import PromptedCLIP
+from trainer.reweight import build_loss
 
 OPTIMIZERS = ["sgd", "adamw", "sam", "asam", "gnm", "gcsam"]
 
@@ -227,3 +227,17 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path, name):
             assert torch.equal(e0[key], e1[key]), (name, key)
     # the ranks did train (parameters moved between epochs)
     assert any(not torch.equal(r0[0][k], r0[1][k]) for k in r0[0])
+
+
+def test_checkpoint_carries_its_model_config(tmp_path, synthetic):
+    """A run on a config JSON registered at run time still loads when that file is gone (another machine)."""
+    import shutil
+
+    conf = tmp_path / "moved" / f"{TINY_NAME}.json"
+    conf.parent.mkdir()
+    shutil.copy(TINY_CONFIG, conf)
+    result = runner.fit(_cfg(tmp_path, "train.epochs=1", f"model.config_path={conf}"), progress=False)
+    shutil.rmtree(conf.parent)
+    run = load_prompted(result.out_dir / "checkpoint.pt")
+    assert run.identity.config_path == str(conf)
+    assert run.model.spec()["n_ctx"] == 4

@@ -7,6 +7,7 @@ settings and parameters, and the optimizer / scheduler / scaler state for an exa
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,26 @@ def identity_from_dict(d: dict[str, Any]) -> ModelIdentity:
     return ModelIdentity(**d)
 
 
-def build_prompted(identity: ModelIdentity, spec: dict[str, Any], device: str | torch.device) -> PromptedCLIP:
+def _config_path_for(identity: ModelIdentity, config_json: str | None) -> str | None:
+    """The model config JSON to register: the original path, or the copy embedded in the checkpoint.
+
+    Checkpoints carry the config's text, so they load on another machine or from another directory.
+    """
+    if identity.config_path is None or Path(identity.config_path).is_file() or config_json is None:
+        return identity.config_path
+    cache = Path(tempfile.gettempdir()) / "flatprompt-model-configs"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{identity.name}.json"
+    path.write_text(config_json)
+    return str(path)
+
+
+def build_prompted(
+    identity: ModelIdentity,
+    spec: dict[str, Any],
+    device: str | torch.device,
+    config_json: str | None = None,
+) -> PromptedCLIP:
     """Rebuild the frozen CLIP from its identity and wrap it with prompts of the given spec."""
     import open_clip
 
@@ -85,7 +105,9 @@ def build_prompted(identity: ModelIdentity, spec: dict[str, Any], device: str | 
     if identity.name == TOY_MODEL_NAME and identity.pretrained is None:
         loaded = load_toy_clip(device)
     else:
-        loaded = load_clip(identity.name, identity.pretrained, identity.config_path, device)
+        loaded = load_clip(
+            identity.name, identity.pretrained, _config_path_for(identity, config_json), device
+        )
     if identity.weights_sha256 and loaded.identity.weights_sha256 != identity.weights_sha256:
         raise UserError(
             f"the CLIP weights of '{identity.name}' ({identity.pretrained or 'packaged'}) changed since this "
@@ -99,7 +121,7 @@ def load_prompted(path: str | os.PathLike[str], device: str | torch.device = "cp
     """Load a training checkpoint as a ready-to-use :class:`PromptedCLIP` on ``device``."""
     ckpt = read_checkpoint(path)
     identity = identity_from_dict(ckpt["identity"])
-    model = build_prompted(identity, ckpt["prompt_spec"], device)
+    model = build_prompted(identity, ckpt["prompt_spec"], device, ckpt.get("model_config_json"))
     model.load_trainable_state_dict(ckpt["prompt_state"])
     model.set_class_names(ckpt["class_names"])
     model.eval()

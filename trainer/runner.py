@@ -384,6 +384,9 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
                     "format": CHECKPOINT_FORMAT,
                     "config": cfg.model_dump(),
                     "identity": loaded.identity.to_dict(),
+                    "model_config_json": Path(loaded.identity.config_path).read_text()
+                    if loaded.identity.config_path
+                    else None,
                     "prompt_spec": model.spec(),
                     "prompt_state": model.trainable_state_dict(),
                     "class_names": task.class_names,
