@@ -347,7 +347,7 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
     epochs = [int(r["epoch"]) for r in m]
     drw = drw_switch_epoch(m)
     style = {"marker": "o", "markersize": 3, "linewidth": 1.5}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), sharex=True, layout="constrained")
     (ax_loss, ax_acc), (ax_grp, ax_lr) = axes
 
     ax_loss.plot(
@@ -363,13 +363,14 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
     ax_acc.plot(epochs, [_pct(r.get("train_acc")) for r in m], color="#999", label="train (running)", **style)
     for key, name, colour in (
         ("base_top1", "test overall", "#1f77b4"),
-        ("base_mean_per_class", "test mean/class", "#17becf"),
+        ("base_mean_per_class", "test mean/class", "#17becf"),  # dashed: equals overall on a balanced set
         ("novel", "novel", "#2ca02c"),
         ("hm", "HM", "#8c564b"),
     ):
         xs, ys = _eval_series(m, key)
         if xs:
-            ax_acc.plot(xs, ys, color=colour, label=name, **style)
+            dashed = {"linestyle": "--"} if key == "base_mean_per_class" else {}
+            ax_acc.plot(xs, ys, color=colour, label=name, **style, **dashed)
     zs = run.zero_shot or {}
     if zs.get("base_top1") is not None:
         ax_acc.axhline(
@@ -421,23 +422,20 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
         lr_handles, lr_labels = lr_handles + h, lr_labels + lab
 
     for i, ax in enumerate(axes.flat):
-        _mark_drw(ax, drw, label=True)
+        _mark_drw(ax, drw, label=i == 0)
         ax.grid(True, alpha=0.3)
         if i >= 2:
-            ax.set_xlabel("epoch")
-    if drw is not None and lr_handles:
-        lr_handles.append(plt.Line2D([], [], color="#9467bd", linestyle=":", linewidth=1.5))
-        lr_labels.append(f"re-weighting on (from epoch {drw})")
+            ax.set_xlabel("epoch (a point = the end of that epoch)")
+    outside: dict[str, Any] = {"fontsize": 8, "loc": "upper left", "borderaxespad": 0.0}
     for ax in (ax_loss, ax_acc, ax_grp):
-        ax.legend(fontsize=8, loc="best")
-    ax_lr.legend(lr_handles, lr_labels, fontsize=8, loc="best")
+        ax.legend(bbox_to_anchor=(1.02, 1.0), **outside)
+    ax_lr.legend(lr_handles, lr_labels, bbox_to_anchor=(1.14 if noise else 1.02, 1.0), **outside)
     for ax in axes.flat:
         ax.set_xlim(0, max(epochs, default=1) + 0.5)
         if len(epochs) <= 12:
             ax.set_xticks([0, *epochs])
-    switch = f"; re-weighting from epoch {drw}" if drw is not None else ""
+    switch = f"; dotted line: re-weighting on from epoch {drw}" if drw is not None else ""
     fig.suptitle(f"{run.label}: training curves ({len(epochs)} epochs{switch})", fontsize=13)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -520,11 +518,19 @@ def _comparison_rows(runs: Sequence[RunRecord]) -> list[tuple[str, dict[str, flo
     """``(name, headline, is_zero_shot)`` rows: one zero-shot row per distinct zero-shot result, then runs."""
     rows: list[tuple[str, dict[str, float | None], bool]] = []
     zero_shots: list[dict[str, float | None]] = []
+    users: list[list[str]] = []
     for r in runs:
-        if r.zero_shot and r.zero_shot not in zero_shots:
-            zero_shots.append(r.zero_shot)
-    for i, zs in enumerate(zero_shots):
-        rows.append(("zero-shot" if len(zero_shots) == 1 else f"zero-shot #{i + 1}", zs, True))
+        if r.zero_shot:
+            if r.zero_shot not in zero_shots:
+                zero_shots.append(r.zero_shot)
+                users.append([])
+            users[zero_shots.index(r.zero_shot)].append(r.label)
+    for zs, who in zip(zero_shots, users, strict=True):
+        if len(zero_shots) == 1:
+            name = "zero-shot"
+        else:  # runs on different data or models: say which runs each zero-shot row belongs to
+            name = f"zero-shot ({who[0]}" + (f" +{len(who) - 1} more)" if len(who) > 1 else ")")
+        rows.append((name, zs, True))
     rows.extend((r.label, r.final, False) for r in runs)
     return rows
 
@@ -537,11 +543,13 @@ def plot_comparison(runs: Sequence[RunRecord], path: Path) -> Path:
     width = 0.8 / n_bars
     x = np.arange(len(metrics))
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(metrics) * max(n_bars, 3) * 0.45 + 3), 5.0))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(8.0, 0.32 * len(metrics) * n_bars + 3)), 5.2))
     colour_i = 0
+    top = 0.0
     colour: Any
     for i, (name, h, is_zs) in enumerate(rows):
         vals = np.array([_pct(h.get(k)) for k, _ in metrics])
+        top = max(top, float(np.nanmax(vals, initial=0.0)))
         pos = x - 0.4 + width * (i + 0.5)
         if is_zs:
             colour, hatch = ZERO_SHOT_COLOUR, "//"
@@ -563,7 +571,7 @@ def plot_comparison(runs: Sequence[RunRecord], path: Path) -> Path:
                     rotation=90,
                 )
     ax.set_xticks(x, [n for _, n in metrics])
-    ax.set_ylim(0, 118)
+    ax.set_ylim(0, min(118.0, top * 1.12 + 8))  # room for the rotated value labels
     ax.set_ylabel("accuracy (%)")
     ax.set_xlabel("metric (overall = top-1 on the base test set; novel/HM: base-to-novel protocol)")
     ax.set_title("comparison of runs (test accuracy)")
@@ -576,6 +584,8 @@ def plot_landscape(results: Sequence[Landscape], path: Path) -> Path:
     """Loss vs alpha per run (mean over directions, min..max band), absolute and relative to the centre."""
     fig, (ax_abs, ax_rel) = plt.subplots(1, 2, figsize=(12, 4.8))
     cmap = plt.get_cmap("tab10")
+    linestyles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v"]
     for i, res in enumerate(results):
         colour = cmap(i % 10)
         mean = res.mean_curve
@@ -593,8 +603,9 @@ def plot_landscape(results: Sequence[Landscape], path: Path) -> Path:
                 mean - offset,
                 color=colour,
                 linewidth=1.8,
-                marker="o",
-                markersize=2.5,
+                linestyle=linestyles[i % len(linestyles)],  # runs with near-identical curves stay visible
+                marker=markers[i % len(markers)],
+                markersize=3.5,
                 label=res.label,
             )
             ax.plot(
@@ -648,7 +659,8 @@ def plot_sharpness(results: Sequence[Landscape], path: Path) -> Path:
     ax.set_title("sharpness of the final prompts (lower = flatter)")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_ylim(min(0.0, *sharp, *rise) * 1.15, max(1e-9, *sharp, *rise) * 1.2)
+    lo, hi = min(0.0, *sharp, *rise), max(1e-9, *sharp, *rise)
+    ax.set_ylim(lo - 0.1 * (hi - lo) if lo < 0 else 0.0, hi + 0.15 * (hi - lo))
     return _save(fig, path)
 
 
