@@ -33,7 +33,7 @@ def _fit(out: Path, *extra: str) -> Path:
             f"model.name={TINY_NAME}",
             f"train.out_dir={out}",
             "train.epochs=2",
-            "data.batch_size=4",
+            "data.batch_size=8",
             "prompt.n_ctx=2",
             "prompt.vpt_length=2",
             "prompt.ctx_init=null",
@@ -51,7 +51,7 @@ def runs(tmp_path_factory, tiny_clip):
     mp = pytest.MonkeyPatch()
     mp.setattr(runner, "build_task", lambda data: synthetic_task())
     root = tmp_path_factory.mktemp("runs")
-    a = _fit(root / "sgd")
+    a = _fit(root / "sgd", "train.epochs=1")
     b = _fit(root / "gnm", "optim.name=gnm", "reweight.name=drw", "reweight.start_epoch=1")
     yield a, b
     mp.undo()
