@@ -53,9 +53,13 @@ def bench(model_name: str, device: torch.device, batch: int, classes: int, vpt: 
     runs = {}
     for name in OPTIMIZERS:
         torch.manual_seed(0)
-        m = PromptedCLIP(loaded.model, tokenizer, n_ctx=4, ctx_init=None, vpt_length=vpt, vpt_deep=True).to(device)
+        m = PromptedCLIP(loaded.model, tokenizer, n_ctx=4, ctx_init=None, vpt_length=vpt, vpt_deep=True).to(
+            device
+        )
         m.set_class_names(names)
-        opt = build_optimizer([p for p in m.parameters() if p.requires_grad], name, lr=1e-3, weight_decay=0.0, seed=0)
+        opt = build_optimizer(
+            [p for p in m.parameters() if p.requires_grad], name, lr=1e-3, weight_decay=0.0, seed=0
+        )
         runs[name] = (m, opt)
     loss_fn = build_loss("none", [1] * classes, start_epoch=0).to(device)
     times: dict[str, list[float]] = {n: [] for n in OPTIMIZERS}
@@ -80,18 +84,26 @@ def bench(model_name: str, device: torch.device, batch: int, classes: int, vpt: 
             times[name].append(one(name))
     med = {n: statistics.median(t) for n, t in times.items()}
     n_params = sum(p.numel() for p in runs["sgd"][0].parameters() if p.requires_grad)
-    print(f"\n{model_name} on {device} ({precision}), batch {batch}, {classes} classes, deep VPT Lp={vpt}, "
-          f"{n_params} trainable params, {repeats} interleaved repeats")
+    print(
+        f"\n{model_name} on {device} ({precision}), batch {batch}, {classes} classes, deep VPT Lp={vpt}, "
+        f"{n_params} trainable params, {repeats} interleaved repeats"
+    )
     print(f"{'optimizer':<10}{'median ms':>11}{'/ sgd':>8}{'state KiB':>11}{'peak MiB':>10}")
     for n in OPTIMIZERS:
         peak = f"{peaks[n] / 2**20:10.1f}" if n in peaks else f"{'-':>10}"
-        print(f"{n:<10}{1000 * med[n]:11.1f}{med[n] / med['sgd']:8.2f}{_state_bytes(runs[n][1]) / 1024:11.1f}{peak}")
-    print(f"gnm / sgd = {med['gnm'] / med['sgd']:.3f}   gcsam / sam = {med['gcsam'] / med['sam']:.3f}   "
-          f"sam / sgd = {med['sam'] / med['sgd']:.3f}")
+        print(
+            f"{n:<10}{1000 * med[n]:11.1f}{med[n] / med['sgd']:8.2f}{_state_bytes(runs[n][1]) / 1024:11.1f}{peak}"
+        )
+    print(
+        f"gnm / sgd = {med['gnm'] / med['sgd']:.3f}   gcsam / sam = {med['gcsam'] / med['sam']:.3f}   "
+        f"sam / sgd = {med['sam'] / med['sgd']:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="toy (default) or an open_clip name (random init)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=None)

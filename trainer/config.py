@@ -36,14 +36,18 @@ class PromptConfig(_Strict):
 class DataConfig(_Strict):
     kind: Literal["toy", "cifar100", "cifar100_lt", "splitfile", "imagefolder"] = "toy"
     root: str | None = None  # dataset root (not used by the toy world)
-    imbalance: float | None = Field(None, ge=1.0)  # long-tail imbalance factor; null = dataset default (toy 100)
+    imbalance: float | None = Field(
+        None, ge=1.0
+    )  # long-tail imbalance factor; null = dataset default (toy 100)
     n_max: int | None = Field(None, ge=1)  # head-class count of the profile (dataset default when null)
     shots: int | None = Field(None, ge=1)  # K-shot sampling per class (null = all)
     base_to_novel: bool = False  # CoCoOp split: train on the first half of the classes
     train_file: str | None = None  # split files (ImageNet-LT / Places-LT / iNat format)
     test_file: str | None = None
     names_file: str | None = None
-    seed: int = 0  # seed of the few-shot draw / the toy world (the long-tail profile uses seed 0, as the papers)
+    seed: int = (
+        0  # seed of the few-shot draw / the toy world (the long-tail profile uses seed 0, as the papers)
+    )
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(0, ge=0)
