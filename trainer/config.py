@@ -57,7 +57,7 @@ class DataConfig(_Strict):
 class OptimConfig(_Strict):
     name: Literal["sgd", "adamw", "sam", "asam", "gnm", "gcsam"] = "sgd"
     base: Literal["sgd", "adamw"] = "sgd"  # base optimizer of sam/asam/gnm/gcsam
-    lr: float = Field(0.002, gt=0)
+    lr: float = Field(0.05, gt=0)  # toy-world default; the recipes set the papers' values
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     rho: float | None = Field(
@@ -82,7 +82,7 @@ class ReweightConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(6, ge=1)
     warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine to 0 (per step)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the prompted model (CUDA only)
