@@ -179,7 +179,13 @@ def load_clip(
             state.pop("logit_bias", None)
         if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
             state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            detail = str(e).split("\n\t")[1][:160] if "\n\t" in str(e) else str(e)[:160]
+            raise UserError(
+                f"checkpoint {path} does not fit model '{name}' ({detail}): pass the model name it was trained with"
+            ) from e
         if result.missing_keys or result.unexpected_keys:
             raise UserError(
                 f"checkpoint {path} does not fit model '{name}' (missing {result.missing_keys[:3]}, "
