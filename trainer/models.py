@@ -173,7 +173,11 @@ def load_clip(
             raise UserError(
                 f"checkpoint {path} does not exist: fix model.pretrained or train/download it first"
             )
-        model = open_clip.create_model(name, pretrained=None)
+        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the weights load next
+        try:
+            model = open_clip.create_model(name, pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
         state = _read_state_dict(path)
         if model.logit_bias is None:
             state.pop("logit_bias", None)
