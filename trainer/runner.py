@@ -6,6 +6,7 @@ epoch), ``summary.json`` (final evaluation), ``config.yaml`` (the resolved confi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -282,6 +283,18 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     autocast = autocast_factory(device, precision)
 
+    evaluate = functools.partial(
+        evaluate_task,
+        task=task,
+        spec=spec,
+        device=device,
+        batch_size=cfg.data.eval_batch_size,
+        thresholds=thresholds,
+        workers=cfg.data.num_workers,
+        progress=progress,
+        precision=precision,
+    )
+
     start_epoch = 0
     ckpt_path = out / CHECKPOINT_NAME
     zero_shot: dict[str, float | None] | None = None
@@ -297,19 +310,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         _logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif info.is_main:
         zs_model = PromptedCLIP(model.clip, model.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
-        zero_shot = headline(
-            evaluate_task(
-                zs_model,
-                task,
-                spec,
-                device,
-                batch_size=cfg.data.eval_batch_size,
-                thresholds=thresholds,
-                workers=cfg.data.num_workers,
-                progress=progress,
-                precision=precision,
-            )
-        )
+        zero_shot = headline(evaluate(zs_model))
         _logger.info("zero-shot: %s", _fmt(zero_shot))
 
     train_model: torch.nn.Module = model
@@ -356,18 +357,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         }
         is_last = epoch + 1 == cfg.train.epochs
         if info.is_main and ((epoch + 1) % cfg.train.eval_every == 0 or is_last):
-            last_eval = evaluate_task(
-                model,
-                task,
-                spec,
-                device,
-                batch_size=cfg.data.eval_batch_size,
-                thresholds=thresholds,
-                workers=cfg.data.num_workers,
-                progress=progress,
-                precision=precision,
-                predictions_dir=out if is_last else None,
-            )
+            last_eval = evaluate(model, predictions_dir=out if is_last else None)
             record["eval"] = headline(last_eval)
         if info.is_main:
             with open(metrics_path, "a") as f:
@@ -404,16 +394,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         dist_utils.barrier()
 
     if last_eval is None and info.is_main:  # resumed a finished run: evaluate what is there
-        last_eval = evaluate_task(
-            model,
-            task,
-            spec,
-            device,
-            batch_size=cfg.data.eval_batch_size,
-            thresholds=thresholds,
-            progress=progress,
-            precision=precision,
-        )
+        last_eval = evaluate(model, predictions_dir=out)
     final = headline(last_eval) if last_eval is not None else {}
     if info.is_main and last_eval is not None:
         summary = {
