@@ -580,14 +580,20 @@ def plot_comparison(runs: Sequence[RunRecord], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_landscape(results: Sequence[Landscape], path: Path) -> Path:
-    """Loss vs alpha per run (mean over directions, min..max band), absolute and relative to the centre."""
+def plot_landscape(
+    results: Sequence[Landscape], path: Path, colour_index: dict[str, int] | None = None
+) -> Path:
+    """Loss vs alpha per run (mean over directions, min..max band), absolute and relative to the centre.
+
+    ``colour_index`` maps a run label to its position among all runs, so a run keeps the colour it has in
+    ``comparison.png`` when other runs are missing from the landscape.
+    """
     fig, (ax_abs, ax_rel) = plt.subplots(1, 2, figsize=(12, 4.8))
     cmap = plt.get_cmap("tab10")
     linestyles = ["-", "--", "-.", ":"]
     markers = ["o", "s", "^", "D", "v"]
     for i, res in enumerate(results):
-        colour = cmap(i % 10)
+        colour = cmap((colour_index or {}).get(res.label, i) % 10)
         mean = res.mean_curve
         for ax, offset in ((ax_abs, 0.0), (ax_rel, res.center_loss)):
             ax.fill_between(
@@ -903,7 +909,8 @@ def build_report(
                 _logger.warning("loss landscape of %s skipped: %s", run.path, e)
                 notes.append(f"{run.label}: loss landscape skipped ({e})")
         if results:
-            written.append(plot_landscape(results, out / "landscape.png"))
+            index = {r.label: i for i, r in enumerate(runs)}
+            written.append(plot_landscape(results, out / "landscape.png", index))
             shared["landscape"] = written[-1].name
             written.append(plot_sharpness(results, out / "sharpness.png"))
             shared["sharpness"] = written[-1].name
