@@ -187,5 +187,9 @@ def test_toy_clip_loads_and_zero_shot_beats_chance(toy_clip) -> None:
     assert feats.shape == (120, model.visual.output_dim)
     base = zero_shot_accuracy(model, task.test, image_features=feats)
     novel = zero_shot_accuracy(model, task.novel_test)
-    assert base > 4 / 30, base  # chance is 1/30
-    assert novel > 4 / 34, novel
+    # measured with the committed checkpoint: 0.36 and 0.59 (chance 1/30 and 1/34)
+    assert base > 0.2, base
+    assert novel > 0.3, novel
+    # the clean (pretraining) domain is near the ceiling (measured 0.98): the shift is what makes it hard
+    clean = zero_shot_accuracy(model, toy_task(seed=0, n_max=2, test_per_class=4, domain="clean").test)
+    assert clean > 0.8 and clean > base + 0.3, (clean, base)

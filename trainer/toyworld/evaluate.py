@@ -1,4 +1,4 @@
-"""Measuring the toy CLIP: zero-shot accuracy, in-batch retrieval and a linear-probe tuning proxy.
+"""Measuring the toy CLIP: zero-shot accuracy and two cheap stand-ins for prompt tuning.
 
 These numbers are what makes the toy world *mean* something: zero-shot must be clearly above chance on the
 shifted downstream task (base and novel), and training on the long-tailed base set must clearly beat it.
@@ -7,6 +7,7 @@ shifted downstream task (base and novel), and training on the long-tailed base s
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from trainer import clip_adapter as ca
 from trainer.data.base import LabelledImages
 from trainer.models import PreprocessSpec, preprocess_spec
 from trainer.toyworld.task import ToyImages, toy_task
@@ -104,36 +106,37 @@ def zero_shot_accuracy(
     return float((preds == torch.tensor(ds.targets)).float().mean())
 
 
+def _log_prior(train_targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(torch.tensor(list(train_targets)), minlength=num_classes).float()
+    return (counts.clamp_min(1) / counts.sum()).log()
+
+
 def linear_probe_accuracy(
     train_features: torch.Tensor,
     train_targets: Sequence[int],
     test_features: torch.Tensor,
     test_targets: Sequence[int],
-    init_weights: torch.Tensor | None = None,
+    init_weights: torch.Tensor,
+    logit_adjust: float = 1.0,
     steps: int = 300,
-    lr: float = 0.01,
-    weight_decay: float = 1e-4,
+    lr: float = 3e-3,
     logit_scale: float = 30.0,
-    seed: int = 0,
 ) -> float:
-    """A cosine linear classifier on frozen features, trained full-batch with AdamW and cross-entropy.
+    """A cosine classifier on frozen image features, initialised from ``init_weights`` (the zero-shot text
+    embeddings, as LIFT initialises its head) and trained full-batch with AdamW.
 
-    ``init_weights`` (e.g. the zero-shot text embeddings) set the starting point, as in LIFT's head init.
-    This is the cheap proxy for prompt tuning: it uses the same long-tailed training set and only changes
-    how classes are represented.
+    ``logit_adjust`` = tau of the logit-adjusted loss (Menon et al. 2021): the log class prior of the
+    training counts is added to the training logits only, so the long tail does not bias the test-time
+    argmax. 0 gives plain cross-entropy. Deterministic (full batch, fixed init).
     """
-    gen = torch.Generator().manual_seed(seed)
-    num_classes = int(max(max(train_targets), max(test_targets))) + 1
-    if init_weights is not None:
-        w0 = init_weights.detach().clone()
-    else:
-        w0 = torch.randn(num_classes, train_features.shape[1], generator=gen) * 0.01
-    weight = torch.nn.Parameter(w0)
-    opt = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    num_classes = init_weights.shape[0]
+    weight = torch.nn.Parameter(init_weights.detach().clone())
+    opt = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
     y = torch.tensor(list(train_targets))
+    prior = logit_adjust * _log_prior(train_targets, num_classes)
     with torch.enable_grad():
         for _ in range(steps):
-            logits = logit_scale * train_features @ F.normalize(weight, dim=-1).T
+            logits = logit_scale * train_features @ F.normalize(weight, dim=-1).T + prior
             loss = F.cross_entropy(logits, y)
             opt.zero_grad()
             loss.backward()
@@ -143,18 +146,104 @@ def linear_probe_accuracy(
     return float((preds == torch.tensor(list(test_targets))).float().mean())
 
 
+def _prompted_image_features(model: CLIP, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """``encode_image`` with deep visual prompts ``prompts`` [depth, Lp, D] (VPT replace semantics)."""
+    return F.normalize(ca.encode_image_prompted(model, images, list(prompts.unbind(0))), dim=-1)
+
+
+def prompt_tuning_proxy_accuracy(
+    model: CLIP,
+    train: LabelledImages,
+    test: LabelledImages,
+    init_weights: torch.Tensor,
+    logit_adjust: float = 1.0,
+    num_prompts: int = 4,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    logit_scale: float = 30.0,
+    seed: int = 0,
+    novel: tuple[LabelledImages, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """A small stand-in for prompt tuning: deep visual prompts plus a cosine head initialised from the
+    zero-shot text embeddings, trained with the logit-adjusted loss (AdamW, cosine schedule), CLIP frozen.
+
+    Only for measuring the toy CLIP while it is pretrained (the real prompt learner is
+    :class:`trainer.prompts.PromptedCLIP`); the prompted forward is the adapter's.
+
+    Returns ``{"base": accuracy on test}`` plus, when ``novel = (novel_test, its zero-shot text embeddings)``
+    is given, ``"novel"``: the learned visual prompts applied to novel images, classified by the untouched
+    zero-shot embeddings of the novel names (the head cannot transfer; the prompts can).
+    """
+    spec = preprocess_spec(model)
+    x_train = pixels_to_tensor(
+        np.stack([_pixels(train, i, spec.image_size) for i in range(len(train))]), spec
+    )
+    y_train = torch.tensor(train.targets)
+    gen = torch.Generator().manual_seed(seed)
+    width, depth = ca.vision_width(model), ca.vision_layers(model)
+    prompts = torch.nn.Parameter(torch.randn(depth, num_prompts, width, generator=gen) * 0.02)
+    weight = torch.nn.Parameter(init_weights.detach().clone())
+    opt = torch.optim.AdamW([prompts, weight], lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    prior = logit_adjust * _log_prior(train.targets, init_weights.shape[0])
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = torch.randperm(len(train), generator=gen)
+                for start in range(0, len(train), batch_size):
+                    idx = order[start : start + batch_size]
+                    feats = _prompted_image_features(model, x_train[idx], prompts)
+                    logits = logit_scale * feats @ F.normalize(weight, dim=-1).T + prior
+                    loss = F.cross_entropy(logits, y_train[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+        result = {"base": _prompted_accuracy(model, test, prompts, F.normalize(weight.detach(), dim=-1))}
+        if novel is not None:
+            result["novel"] = _prompted_accuracy(model, novel[0], prompts, novel[1])
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def _prompted_accuracy(
+    model: CLIP, ds: LabelledImages, prompts: torch.Tensor, class_weights: torch.Tensor
+) -> float:
+    spec = preprocess_spec(model)
+    preds = []
+    for start in range(0, len(ds), 256):
+        batch = np.stack([_pixels(ds, i, spec.image_size) for i in range(start, min(start + 256, len(ds)))])
+        feats = _prompted_image_features(model, pixels_to_tensor(batch, spec), prompts)
+        preds.append((feats @ class_weights.T).argmax(1))
+    return float((torch.cat(preds) == torch.tensor(ds.targets)).float().mean())
+
+
 def evaluate_toy_clip(
     model: CLIP,
     seed: int = 0,
     n_max: int = 200,
     test_per_class: int = 25,
     domains: Sequence[str] = ("shifted", "clean"),
-    linear_probe: bool = True,
+    tuning_proxies: bool = True,
 ) -> dict[str, Any]:
-    """Zero-shot base / novel accuracy on the toy task in each domain, and the linear-probe proxy.
+    """Zero-shot base / novel accuracy on the toy task in each domain, and the tuning proxies on base.
 
-    Returns ``{domain: {"zero_shot_base", "zero_shot_novel", "linear_probe_base", "chance_base",
-    "chance_novel"}}``.
+    Returns ``{domain: {...}}`` with ``zero_shot_base``, ``zero_shot_novel``, ``chance_base``,
+    ``chance_novel`` and, with ``tuning_proxies``: ``linear_probe_base`` (logit-adjusted linear probe),
+    ``linear_probe_ce_base`` (plain cross-entropy) and ``vpt_probe_base`` (deep visual prompts + head,
+    logit-adjusted), all trained on the long-tailed training set and tested on the balanced base test set;
+    ``vpt_probe_novel``: those visual prompts with the zero-shot embeddings of the novel names.
     """
     results: dict[str, Any] = {}
     for domain in domains:
@@ -167,16 +256,18 @@ def evaluate_toy_clip(
             "chance_base": 1.0 / task.test.num_classes,
             "chance_novel": 1.0 / task.novel_test.num_classes,
         }
-        if linear_probe:
+        if tuning_proxies:
             train_feats = encode_images(model, task.train)
-            row["linear_probe_base"] = linear_probe_accuracy(
-                train_feats,
-                task.train.targets,
-                test_feats,
-                task.test.targets,
-                init_weights=class_embeddings(model, task.class_names),
-                seed=seed,
+            init = class_embeddings(model, task.class_names)
+            args = (train_feats, task.train.targets, test_feats, task.test.targets, init)
+            row["linear_probe_base"] = linear_probe_accuracy(*args, logit_adjust=1.0)
+            row["linear_probe_ce_base"] = linear_probe_accuracy(*args, logit_adjust=0.0)
+            novel_init = class_embeddings(model, task.novel_test.class_names)
+            vpt = prompt_tuning_proxy_accuracy(
+                model, task.train, task.test, init, seed=seed, novel=(task.novel_test, novel_init)
             )
+            row["vpt_probe_base"] = vpt["base"]
+            row["vpt_probe_novel"] = vpt["novel"]
         _logger.info("toy task (%s): %s", domain, {k: round(v, 4) for k, v in row.items()})
         results[domain] = row
     return results
@@ -194,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="world seed of the toy task")
     parser.add_argument("--n-max", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=25)
-    parser.add_argument("--no-linear-probe", action="store_true")
+    parser.add_argument("--no-tuning", action="store_true", help="zero-shot only (skip the tuning proxies)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = load_clip(TOY_MODEL_NAME, pretrained=args.checkpoint).model
@@ -203,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         n_max=args.n_max,
         test_per_class=args.test_per_class,
-        linear_probe=not args.no_linear_probe,
+        tuning_proxies=not args.no_tuning,
     )
     print(json.dumps(results, indent=2))
     return 0

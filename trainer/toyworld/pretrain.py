@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -206,12 +207,12 @@ def _quick_eval(
 def pretrain(
     out: Path | None = TOY_MODEL_CHECKPOINT,
     seed: int = 0,
-    steps: int = 2000,
-    batch_size: int = 256,
-    lr: float = 2e-3,
+    steps: int = 3000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
     weight_decay: float = 0.1,
     warmup_steps: int = 100,
-    pool_size: int = 50_000,
+    pool_size: int = 40_000,
     eval_size: int = 2048,
     threads: int | None = None,
     evaluate_downstream: bool = True,
@@ -241,6 +242,8 @@ def pretrain(
     import open_clip
 
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    load_start = os.getloadavg()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -369,18 +372,24 @@ def pretrain(
         "clean_eval": clean,
         "vocabulary": vocabulary(),
     }
-    if evaluate_downstream:
-        meta["downstream"] = evaluate_toy_clip(model, seed=seed)
     meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    meta["cpu_time_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
+    meta["cpu_count"] = os.cpu_count()
+    meta["loadavg_1min_start_end"] = [round(load_start[0], 2), round(os.getloadavg()[0], 2)]
     meta = json.loads(json.dumps(meta, default=str))  # plain types only: the file must load with weights_only
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_compact_clip(model, out, used_ids, meta)
-        meta["checkpoint"] = str(out)
-        meta["checkpoint_bytes"] = out.stat().st_size
         _logger.info("saved %s (%.2f MB)", out, out.stat().st_size / 1e6)
-    return meta
+    metrics = dict(meta)
+    if out is not None:
+        metrics["checkpoint"] = str(out)
+        metrics["checkpoint_bytes"] = out.stat().st_size
+    if evaluate_downstream:  # not stored in the checkpoint: it depends on the downstream domain, not on it
+        metrics["downstream"] = evaluate_toy_clip(model, seed=seed)
+        metrics["wall_time_with_downstream_s"] = round(time.perf_counter() - t0, 1)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=TOY_MODEL_CHECKPOINT, help="compact checkpoint to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--pool-size", type=int, default=50_000)
+    parser.add_argument("--pool-size", type=int, default=40_000)
     parser.add_argument("--eval-every", type=int, default=500, help="log clean zero-shot every N steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-downstream", action="store_true", help="skip the toy-task evaluation")

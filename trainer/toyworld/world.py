@@ -2,7 +2,8 @@
 
 Every image is a pure function of ``(seed, split, index)`` (plus the requested class and the domain): item
 ``i`` of split ``s`` with seed ``k`` draws all its factors from ``numpy.random.default_rng([k, s, i])`` and
-always renders the same pixels.
+always renders the same pixels. Class-conditional images (the downstream task) are keyed by
+``(k, s, combo_id(colour, shape), j)`` instead, so the j-th "red star" never depends on the task's layout.
 
 Factors of a scene: shape (8), colour (8), size (small / large), position (4 corners + center; large objects
 are centred), fill style (solid / striped / outlined), background, rotation (small jitter, not captioned).
@@ -10,9 +11,12 @@ are centred), fill style (solid / striped / outlined), background, rotation (sma
 Two domains (:data:`DOMAINS`):
 
 * ``clean``: the pretraining domain. Plain black / grey / white backgrounds, crisp anti-aliased rendering.
-* ``shifted``: the downstream domain. Random textured backgrounds (gradients, checkerboards, coloured blobs),
-  colour jitter of the object, global brightness / contrast jitter, Gaussian blur and pixel noise. None of
-  this appears in pretraining, so zero-shot transfer degrades but stays far above chance.
+* ``shifted``: the downstream domain. A systematic colour cast (every image's hues rotated by 25 degrees
+  about the grey axis, so red drifts towards orange, blue towards purple; white stays white), random
+  low-contrast textured backgrounds (gradients, checkerboards, low-frequency blobs; grey with a faint random
+  tint), stronger colour jitter of the object, global brightness / contrast jitter, slight blur and pixel
+  noise. None of this appears in pretraining: zero-shot accuracy drops a lot but stays far above chance,
+  and the systematic part is what prompt tuning on the downstream data can learn to undo.
 
 Captions come from varied templates with optional attributes ("a small red star on a grey background",
 "red striped star, top left", "a photo of a red star."); every word is a common English word that the CLIP
@@ -88,6 +92,9 @@ class Domain:
     contrast: tuple[float, float]  # global contrast factor range (around the image mean)
     blur: tuple[float, float]  # Gaussian blur radius range in output pixels (0 = none)
     noise_std: tuple[float, float]  # additive Gaussian pixel-noise std range, in 0..255 units
+    hue_shift: float = 0.0  # a fixed hue rotation of the whole image, degrees (a systematic colour cast)
+    texture_contrast: float = 1.0  # textured backgrounds: amplitude of the pattern around its mean (0..1)
+    background_kinds: tuple[int, ...] = (0, 1, 2)  # textured backgrounds: 0 gradient, 1 checkerboard, 2 blobs
 
 
 DOMAINS: dict[str, Domain] = {
@@ -104,12 +111,14 @@ DOMAINS: dict[str, Domain] = {
     "shifted": Domain(
         name="shifted",
         textured_background=True,
-        background_saturation=0.2,
+        background_saturation=0.1,
         colour_jitter=25.0,
         brightness=(0.75, 1.2),
         contrast=(0.7, 1.05),
-        blur=(0.2, 0.8),
-        noise_std=(6.0, 18.0),
+        blur=(0.0, 0.5),
+        noise_std=(2.0, 8.0),
+        hue_shift=25.0,
+        texture_contrast=0.4,
     ),
 }
 
@@ -269,24 +278,38 @@ def _background(scene: Scene, rng: np.random.Generator, dom: Domain, side: int) 
         w = dom.background_saturation
         return (w * c + (1 - w) * grey).astype(np.float32)
 
-    kind = int(rng.integers(3))
+    kind = dom.background_kinds[int(rng.integers(len(dom.background_kinds)))]
     yy, xx = (g / side for g in _grid(side))
     if kind == 0:  # linear gradient between two muted colours
         a = rng.uniform(0, 2 * math.pi)
         t = (xx * math.cos(a) + yy * math.sin(a)) * 0.7 + 0.5
         t = np.clip(t - t.mean() + 0.5, 0, 1)[..., None]
-        return (1 - t) * muted() + t * muted()
-    if kind == 1:  # checkerboard, random period and phase
+        tex = (1 - t) * muted() + t * muted()
+    elif kind == 1:  # checkerboard, random period and phase
         period = rng.uniform(0.12, 0.3)
         phase = rng.uniform(0, period, size=2)
         chk = ((np.floor((xx + phase[0]) / period) + np.floor((yy + phase[1]) / period)) % 2)[..., None]
         c1, c2 = muted(), muted()
         c2 = 0.5 * c1 + 0.5 * c2  # keep the contrast moderate
-        return (1 - chk) * c1 + chk * c2
-    # low-frequency coloured blobs: a random 4x4 grid upsampled bicubically
-    grid = np.stack([muted() for _ in range(16)]).reshape(4, 4, 3).astype(np.uint8)
-    img = Image.fromarray(grid, "RGB").resize((side, side), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.float32)
+        tex = (1 - chk) * c1 + chk * c2
+    else:  # low-frequency coloured blobs: a random 4x4 grid upsampled bicubically
+        grid = np.stack([muted() for _ in range(16)]).reshape(4, 4, 3).astype(np.uint8)
+        img = Image.fromarray(grid, "RGB").resize((side, side), Image.Resampling.BICUBIC)
+        tex = np.asarray(img, dtype=np.float32)
+    mean = tex.mean(axis=(0, 1), keepdims=True)
+    return (mean + dom.texture_contrast * (tex - mean)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _hue_rotation(degrees: float) -> np.ndarray:
+    """3x3 RGB rotation by ``degrees`` about the grey axis (greys stay put, hues turn)."""
+    a = math.radians(degrees)
+    k = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    m = math.cos(a) * np.eye(3) + math.sin(a) * cross + (1 - math.cos(a)) * np.outer(k, k)
+    out = m.astype(np.float32)
+    out.flags.writeable = False
+    return out
 
 
 def render_scene(
@@ -324,6 +347,8 @@ def render_scene(
     lo, hi = dom.contrast
     c = rng.uniform(lo, hi)
     img = (img - img.mean()) * c + img.mean()
+    if dom.hue_shift:
+        img = img @ _hue_rotation(dom.hue_shift).T
     lo, hi = dom.blur
     radius = rng.uniform(lo, hi)
     if radius > 0.05:
