@@ -11,7 +11,7 @@ import torch
 def main() -> None:
     out_dir, optim_name, conf = sys.argv[1], sys.argv[2], sys.argv[3]
     from tests.synthetic import synthetic_task
-    from trainer import runner
+    from trainer import engine, runner
     from trainer.config import load_config
     from trainer.models import register_model_config
 
@@ -34,15 +34,15 @@ def main() -> None:
     )
     torch.manual_seed(0)  # identical frozen random-init CLIP on every rank
     seen: list[dict[str, torch.Tensor]] = []
-    original = runner.train_one_epoch
+    original = engine.train_step
 
-    def spy(model, *args, **kwargs):  # record params after every epoch on every rank
-        stats = original(model, *args, **kwargs)
+    def spy(model, *args, **kwargs):  # record the prompts after every optimizer step on every rank
+        out = original(model, *args, **kwargs)
         module = model.module if hasattr(model, "module") else model
-        seen.append(module.trainable_state_dict())
-        return stats
+        seen.append({k: v.detach().clone() for k, v in module.trainable_state_dict().items()})
+        return out
 
-    runner.train_one_epoch = spy  # type: ignore[assignment]
+    engine.train_step = spy  # type: ignore[assignment]
     runner.fit(cfg, progress=False)
     torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
 

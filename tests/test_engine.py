@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -221,12 +222,14 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path, name):
     outs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert len(r0) == len(r1) == 2
-    for e0, e1 in zip(r0, r1, strict=True):
+    # 32 images, 2 ranks x batch 4, 2 epochs: 4 steps per epoch on each rank
+    assert len(r0) == len(r1) == 8
+    for step, (e0, e1) in enumerate(zip(r0, r1, strict=True)):
         for key in e0:
-            assert torch.equal(e0[key], e1[key]), (name, key)
-    # the ranks did train (parameters moved between epochs)
-    assert any(not torch.equal(r0[0][k], r0[1][k]) for k in r0[0])
+            assert torch.equal(e0[key], e1[key]), (name, step, key)
+    # the ranks did train: the prompts moved at every step
+    for before, after in itertools.pairwise(r0):
+        assert any(not torch.equal(before[k], after[k]) for k in before), name
 
 
 def test_checkpoint_carries_its_model_config(tmp_path, synthetic):
