@@ -29,29 +29,23 @@ import json
 import logging
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+if TYPE_CHECKING:
+    from tests.serving_fixtures import Server
+
 _logger = logging.getLogger("serve_load")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _images(count: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
@@ -183,13 +177,11 @@ def registration(url: str, token: str, bundle: Any, count: int) -> dict[str, Any
 
 def start_server(
     bundle: Path, workers: int, threads: int, token: str, workdir: Path, timeout_s: float
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``bentoml serve`` on a free 127.0.0.1 port; returns (process, url) once ``/readyz`` answers."""
-    port = _free_port()
+) -> Server:
+    """``bentoml serve`` on a free 127.0.0.1 port (the tests' launcher), ready once ``/readyz`` answers."""
+    from tests.serving_fixtures import start_server as launch
+
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("FLATPROMPT_")},
-        "BENTOML_HOME": str(workdir / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "True",
         "FLATPROMPT_BUNDLE": str(bundle),
         "FLATPROMPT_REGISTRY_URL": f"sqlite:///{workdir}/registry.db",
         "FLATPROMPT_TOKEN": token,
@@ -197,49 +189,9 @@ def start_server(
         "FLATPROMPT_THREADS": str(threads),
         "FLATPROMPT_MAX_IN_FLIGHT": "256",
         "FLATPROMPT_REQUEST_TIMEOUT_S": str(timeout_s),
+        "OMP_NUM_THREADS": str(threads),
     }
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "serving.service:FlatPrompt",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {workdir / 'server.log'}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise TimeoutError("server not ready within 300 s")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL of the process group we created."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    return launch(workdir, env, ready_timeout=300)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from serving.runtime.bundle import Bundle
 
+    if not (Path(args.bundle) / "manifest.json").is_file():
+        p.error(
+            f"--bundle {args.bundle} is not a model bundle (no manifest.json): run `python -m export` first"
+        )
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     images = _images(8, (width, height))
     token = args.token or secrets.token_urlsafe(16)
-    proc = None
+    server = None
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
     try:
         if args.url:
@@ -283,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             _logger.info("starting a server (%d workers x %d threads)", args.workers, args.threads)
             workdir = Path(args.workdir or tmp.name)
             workdir.mkdir(parents=True, exist_ok=True)
-            proc, url = start_server(
+            server = start_server(
                 Path(args.bundle), args.workers, args.threads, token, workdir, args.request_timeout
             )
+            url = server.url
         levels = []
         for c in (int(v) for v in args.concurrency.split(",")):
             _logger.info("concurrency %d: %d requests", c, args.requests)
@@ -329,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     finally:
-        if proc is not None:
-            stop_server(proc)
+        if server is not None:
+            server.stop(timeout=60)
         tmp.cleanup()
     return 0
 
