@@ -122,9 +122,23 @@ def test_write_per_class_csv(tmp_path: Path) -> None:
     assert [r["group"] for r in rows] == ["many", "medium", "few", "many"]
     assert [r["train_count"] for r in rows] == ["200", "50", "5", "101"]
     assert [r["accuracy"] for r in rows] == ["0.750000", "0.500000", "0.000000", ""]
+    assert [r["zero_shot_accuracy"] for r in rows] == ["", "", "", ""]  # no zero-shot given
     assert rows[3]["label"] == "3"
+    write_per_class_csv(
+        path,
+        ["a", "b", "c", "d"],
+        TRAIN_COUNTS,
+        pca,
+        ShotThresholds(),
+        zero_shot_acc=[0.25, 1.0, 0.5, math.nan],
+    )
+    rows = list(csv.DictReader(path.open()))
+    assert [r["zero_shot_accuracy"] for r in rows] == ["0.250000", "1.000000", "0.500000", ""]
+    assert [r["accuracy"] for r in rows] == ["0.750000", "0.500000", "0.000000", ""]
     with pytest.raises(ValueError, match="must match"):
         write_per_class_csv(path, ["a"], TRAIN_COUNTS, pca, ShotThresholds())
+    with pytest.raises(ValueError, match="must match"):
+        write_per_class_csv(path, ["a", "b", "c", "d"], TRAIN_COUNTS, pca, zero_shot_acc=[0.5])
 
 
 def test_write_summary_json(tmp_path: Path) -> None:

@@ -147,3 +147,20 @@ def test_recipes_load(path):
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"toy_sgd.yaml", "toy_gnm_drw.yaml", "toy_gcsam_drw.yaml", "gcsam_coop_base2novel.yaml"} <= names
+
+
+def test_zero_shot_per_class_is_recorded(runs):
+    """fit records each base class's zero-shot accuracy (summary.json and per_class.csv), consistent with
+    the zero-shot mean per class it reports."""
+    import csv
+
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        zs = summary["zero_shot_per_class"]
+        assert len(zs) == len(summary["class_names"])
+        finite = [v for v in zs if v is not None]
+        assert sum(finite) / len(finite) == pytest.approx(summary["zero_shot"]["base_mean_per_class"])
+        rows = list(csv.DictReader((run_dir / "per_class.csv").open()))
+        assert [float(r["zero_shot_accuracy"]) if r["zero_shot_accuracy"] else None for r in rows] == [
+            pytest.approx(v) if v is not None else None for v in zs
+        ]

@@ -33,7 +33,7 @@ from trainer.metrics import (
 
 _logger = logging.getLogger(__name__)
 
-PER_CLASS_COLUMNS = ("label", "class_name", "train_count", "group", "accuracy")
+PER_CLASS_COLUMNS = ("label", "class_name", "train_count", "group", "accuracy", "zero_shot_accuracy")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -93,24 +93,27 @@ def write_per_class_csv(
     train_counts: Sequence[int],
     per_class_acc: Sequence[float] | np.ndarray,
     thresholds: ShotThresholds = LIFT_THRESHOLDS,
+    zero_shot_acc: Sequence[float] | np.ndarray | None = None,
 ) -> None:
-    """Write ``label,class_name,train_count,group,accuracy``, one row per class (accuracy empty when the class
-    has no test images)."""
+    """Write ``label,class_name,train_count,group,accuracy,zero_shot_accuracy``, one row per class (an
+    accuracy is empty when the class has no test images; ``zero_shot_accuracy`` is empty without
+    ``zero_shot_acc``)."""
     n = len(class_names)
-    if len(train_counts) != n or len(per_class_acc) != n:
+    zs = [math.nan] * n if zero_shot_acc is None else list(zero_shot_acc)
+    if len(train_counts) != n or len(per_class_acc) != n or len(zs) != n:
         raise ValueError(
             f"write_per_class_csv: {n} class names, {len(train_counts)} train counts, "
-            f"{len(per_class_acc)} accuracies; they must match"
+            f"{len(per_class_acc)} accuracies, {len(zs)} zero-shot accuracies; they must match"
         )
     groups = shot_groups(train_counts, thresholds)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(PER_CLASS_COLUMNS)
-    for i, (name, count, group, acc) in enumerate(
-        zip(class_names, train_counts, groups, per_class_acc, strict=True)
+    for i, (name, count, group, acc, zs_acc) in enumerate(
+        zip(class_names, train_counts, groups, per_class_acc, zs, strict=True)
     ):
-        acc_f = float(acc)
-        writer.writerow([i, name, int(count), group, f"{acc_f:.6f}" if math.isfinite(acc_f) else ""])
+        cells = [f"{float(a):.6f}" if math.isfinite(float(a)) else "" for a in (acc, zs_acc)]
+        writer.writerow([i, name, int(count), group, *cells])
     _write_atomic(Path(path), buf.getvalue())
     _logger.info("wrote per-class accuracy of %d classes to %s", n, path)
 

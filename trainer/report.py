@@ -6,7 +6,7 @@ Reads what :func:`trainer.runner.fit` writes into a run directory (``metrics.jso
 
 - ``<run>_per_class.png``: per-class test accuracy against the class's training count (log x), the
   many / medium / few bands of the recorded shot rule shaded, group means of the tuned prompts (solid) and of
-  the zero-shot model (dashed);
+  the zero-shot model (dashed), and each class's zero-shot accuracy (hollow grey) where the run recorded it;
 - ``<run>_curves.png``: training loss, training / evaluation accuracy, many / medium / few per epoch, the
   learning rate (and GNM's noise factor), with the epoch where re-weighting switches on marked;
 - ``<run>_reliability.png``: reliability diagram with 15 equal-width confidence bins (base classes, and the
@@ -249,7 +249,8 @@ def _eval_series(metrics: Sequence[dict[str, Any]], key: str) -> tuple[list[int]
 
 
 def plot_per_class(run: RunRecord, path: Path) -> Path:
-    """Per-class accuracy of the tuned prompts against the training count, bands per shot group."""
+    """Per-class accuracy of the tuned prompts against the training count, bands per shot group; with the
+    zero-shot accuracy of each class (hollow grey, joined to its tuned dot) where the run recorded it."""
     base = (run.summary.get("eval") or {}).get("base") or {}
     acc = np.array([_pct(v) for v in base.get("per_class") or []])
     counts = np.asarray(run.summary.get("class_counts") or [], dtype=np.float64)
@@ -282,6 +283,22 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
         if zs.get(g) is not None:
             ax.hlines(_pct(zs[g]), a, b, colors=ZERO_SHOT_COLOUR, linestyles="--", linewidth=1.6, zorder=2)
     finite = np.isfinite(acc)
+    zs_acc = np.array([_pct(v) for v in run.summary.get("zero_shot_per_class") or []])
+    if len(zs_acc) == len(acc):  # runs from before zero-shot per class was recorded have none
+        both = finite & np.isfinite(zs_acc)
+        ax.vlines(counts[both], zs_acc[both], acc[both], colors="#9a9a9a", linewidth=0.7, alpha=0.7, zorder=2)
+        handles.append(
+            ax.scatter(
+                counts[np.isfinite(zs_acc)],
+                zs_acc[np.isfinite(zs_acc)],
+                s=18,
+                facecolors="none",
+                edgecolors=ZERO_SHOT_COLOUR,
+                linewidths=0.9,
+                zorder=3,
+                label="zero-shot, same class",
+            )
+        )
     for g in ("many", "medium", "few"):
         m = (groups == g) & finite
         if m.any():
@@ -314,7 +331,10 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
     ax.set_ylabel("test accuracy of the class (%)")
     overall = _pct(tuned.get("base_top1"))
     ax.set_title(f"{run.label}: per-class accuracy vs training count (overall {overall:.1f}%)")
-    ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
+    # below the axes: inside, it would hide the points of whichever corner it took
+    ax.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False
+    )
     ax.grid(True, which="major", axis="y", alpha=0.3)
     if run.shot_rule:
         ax.text(0.01, 0.01, run.shot_rule, transform=ax.transAxes, fontsize=7, color="#555")

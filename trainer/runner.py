@@ -130,11 +130,13 @@ def evaluate_task(
     progress: bool = True,
     precision: str = "fp32",
     predictions_dir: Path | None = None,
+    zero_shot_per_class: list[float] | None = None,
 ) -> dict[str, Any]:
     """Base-class report (top1, per-class, many / medium / few, ECE), novel-class report, harmonic mean.
 
-    With ``predictions_dir``, also writes ``per_class.csv`` and ``predictions_{base,novel}.npz`` (softmax
-    probabilities and targets) there, for ``python -m trainer report``.
+    With ``predictions_dir``, also writes ``per_class.csv`` (with ``zero_shot_per_class`` beside the tuned
+    accuracies when given) and ``predictions_{base,novel}.npz`` (softmax probabilities and targets) there,
+    for ``python -m trainer report``.
     """
     autocast = autocast_factory(device, precision)
     counts = task.train_counts
@@ -152,7 +154,12 @@ def evaluate_task(
     if predictions_dir is not None:
         np.savez_compressed(predictions_dir / "predictions_base.npz", probs=probs, targets=targets)
         write_per_class_csv(
-            predictions_dir / "per_class.csv", task.class_names, counts, base["per_class"], thresholds
+            predictions_dir / "per_class.csv",
+            task.class_names,
+            counts,
+            base["per_class"],
+            thresholds,
+            zero_shot_acc=zero_shot_per_class,
         )
     if task.novel_test is not None:
         nprobs, ntargets = predict(
@@ -298,6 +305,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
     start_epoch = 0
     ckpt_path = out / CHECKPOINT_NAME
     zero_shot: dict[str, float | None] | None = None
+    zero_shot_per_class: list[float] | None = None  # base classes, for per_class.csv and the report
     if cfg.train.resume and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path)
         model.load_trainable_state_dict(ckpt["prompt_state"])
@@ -307,10 +315,13 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
         zero_shot = ckpt.get("zero_shot")
+        zero_shot_per_class = ckpt.get("zero_shot_per_class")
         _logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif info.is_main:
         zs_model = PromptedCLIP(model.clip, model.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
-        zero_shot = headline(evaluate(zs_model))
+        zs_eval = evaluate(zs_model)
+        zero_shot = headline(zs_eval)
+        zero_shot_per_class = [float(a) for a in zs_eval["base"]["per_class"]]
         _logger.info("zero-shot: %s", _fmt(zero_shot))
 
     train_model: torch.nn.Module = model
@@ -357,7 +368,9 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         }
         is_last = epoch + 1 == cfg.train.epochs
         if info.is_main and ((epoch + 1) % cfg.train.eval_every == 0 or is_last):
-            last_eval = evaluate(model, predictions_dir=out if is_last else None)
+            last_eval = evaluate(
+                model, predictions_dir=out if is_last else None, zero_shot_per_class=zero_shot_per_class
+            )
             record["eval"] = headline(last_eval)
         if info.is_main:
             with open(metrics_path, "a") as f:
@@ -387,6 +400,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "epoch": epoch + 1,
                     "zero_shot": zero_shot,
+                    "zero_shot_per_class": zero_shot_per_class,
                     "eval": last_eval,
                 },
                 ckpt_path,
@@ -394,11 +408,12 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         dist_utils.barrier()
 
     if last_eval is None and info.is_main:  # resumed a finished run: evaluate what is there
-        last_eval = evaluate(model, predictions_dir=out)
+        last_eval = evaluate(model, predictions_dir=out, zero_shot_per_class=zero_shot_per_class)
     final = headline(last_eval) if last_eval is not None else {}
     if info.is_main and last_eval is not None:
         summary = {
             "zero_shot": zero_shot,
+            "zero_shot_per_class": zero_shot_per_class,
             "final": final,
             "eval": last_eval,
             "class_names": task.class_names,
