@@ -102,7 +102,10 @@ def test_model_store_restart_and_bundle_change(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
     if postgres_binaries() is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl, postgres) are not installed")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) are not installed: apt-get install postgresql "
+            "(.ci/run installs it, so CI always runs this test)"
+        )
     pg = start_postgres()
     yield pg
     pg.stop()

@@ -278,7 +278,10 @@ def test_sqlite_registry(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def postgres() -> Any:
     if postgres_binaries() is None:
-        pytest.skip("PostgreSQL binaries are not installed")
+        pytest.skip(
+            "PostgreSQL server binaries are not installed: apt-get install postgresql "
+            "(.ci/run installs it, so CI always runs this test)"
+        )
     pg = start_postgres()
     yield pg
     pg.stop()

@@ -112,7 +112,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _cmd_pretrain_toy(ns: argparse.Namespace, rest: list[str]) -> int:
-    from trainer.toyworld.pretrain import main as pretrain_main
+    from trainer.toyworld.cli import pretrain_main
 
     return pretrain_main(rest)
 

@@ -5,7 +5,8 @@
 * :mod:`trainer.toyworld.pretrain`: contrastive pretraining of the toy CLIP (``python -m trainer pretrain-toy``),
   saved to ``trainer/assets/toyclip.pt``.
 * :mod:`trainer.toyworld.task`: :func:`toy_task`, the long-tailed base-to-novel task in the shifted domain.
-* :mod:`trainer.toyworld.evaluate`: zero-shot and linear-probe measurements.
+* :mod:`trainer.toyworld.evaluate`: zero-shot accuracy and the linear-probe / visual-prompt tuning proxies.
+* :mod:`trainer.toyworld.cli`: the ``pretrain-toy`` and ``eval-toy`` command lines.
 """
 
 from trainer.toyworld.task import (

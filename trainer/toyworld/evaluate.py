@@ -273,32 +273,7 @@ def evaluate_toy_clip(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the toy CLIP's zero-shot / linear-probe numbers on the toy task as JSON."""
-    import argparse
-    import json
-
-    from trainer.models import TOY_MODEL_CHECKPOINT, TOY_MODEL_NAME, load_clip
-
-    parser = argparse.ArgumentParser(prog="eval-toy", description="Measure the toy CLIP on the toy task.")
-    parser.add_argument("--checkpoint", default=str(TOY_MODEL_CHECKPOINT), help="toy CLIP checkpoint")
-    parser.add_argument("--seed", type=int, default=0, help="world seed of the toy task")
-    parser.add_argument("--n-max", type=int, default=200)
-    parser.add_argument("--test-per-class", type=int, default=25)
-    parser.add_argument("--no-tuning", action="store_true", help="zero-shot only (skip the tuning proxies)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = load_clip(TOY_MODEL_NAME, pretrained=args.checkpoint).model
-    results = evaluate_toy_clip(
-        model,
-        seed=args.seed,
-        n_max=args.n_max,
-        test_per_class=args.test_per_class,
-        tuning_proxies=not args.no_tuning,
-    )
-    print(json.dumps(results, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from trainer.toyworld.cli import evaluate_main
+
+    raise SystemExit(evaluate_main())
