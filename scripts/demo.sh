@@ -36,8 +36,8 @@ cat <<MSG
 Serving $BUNDLE on http://127.0.0.1:$PORT (token: $FLATPROMPT_TOKEN). In another shell:
   curl -s -F images=@runs/samples/$(ls runs/samples | grep '^base' | head -1) 127.0.0.1:$PORT/classify
   curl -s -H "Authorization: Bearer $FLATPROMPT_TOKEN" -H 'content-type: application/json' \\
-       -d '{"names": ["pink moon", "white diamond"]}' 127.0.0.1:$PORT/register
-  curl -s -F images=@runs/samples/$(ls runs/samples | grep '^novel' | head -1) 127.0.0.1:$PORT/classify
+       -d '{"names": ["white diamond", "pink heart"]}' 127.0.0.1:$PORT/register
+  curl -s -F images=@runs/samples/novel-white_diamond.png 127.0.0.1:$PORT/classify
   curl -s 127.0.0.1:$PORT/metrics | grep flatprompt_
 MSG
 exec bentoml serve serving.service:FlatPrompt --host 127.0.0.1 --port "$PORT"

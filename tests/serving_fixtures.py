@@ -358,6 +358,28 @@ def wait_until_ready(server: Server, timeout: float) -> None:
     raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{server.log()}")
 
 
+def wait_for_workers(server: Server, count: int, timeout: float = 120.0) -> set[str]:
+    """Until ``count`` distinct workers have answered (``/readyz`` is answered by whichever worker is up
+    first; a slower one may still be warming up). Bursts of 8 concurrent fresh connections, so a busy
+    worker leaves the next connection to another. Returns the worker ids seen."""
+    import concurrent.futures as cf
+
+    def one(_: int) -> str | None:
+        with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=server.url, timeout=10) as c:
+            return c.post("/classes", json={}).headers.get("x-flatprompt-worker")
+        return None
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    with cf.ThreadPoolExecutor(8) as pool:
+        while time.monotonic() < deadline:
+            seen.update(w for w in pool.map(one, range(8)) if w is not None)
+            if len(seen) >= count:
+                return seen
+            time.sleep(0.25)
+    raise TimeoutError(f"only workers {sorted(seen)} answered within {timeout:.0f} s:\n{server.log()}")
+
+
 @contextlib.contextmanager
 def running_server(workdir: Path, env: dict[str, str], **kwargs: object) -> Iterator[Server]:
     """Context manager around :func:`start_server` that always stops the server."""

@@ -8,6 +8,12 @@ from tests.conftest import TINY_CONFIG
 from trainer.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """`fit` without --out writes to runs/toy: keep that out of the repository (and away from a real run)."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _run(capsys, argv):
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()

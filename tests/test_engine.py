@@ -155,6 +155,29 @@ def test_fit_resume_is_exact(tmp_path, synthetic, monkeypatch):
     assert full.final == resumed.final
 
 
+def test_resume_refuses_a_changed_config(tmp_path, synthetic):
+    """A rerun into a folder whose checkpoint was trained differently is refused (naming the fields), and
+    nothing there is touched; changing only where / how often it evaluates still resumes."""
+    first = runner.fit(_cfg(tmp_path, "train.epochs=1"), progress=False)
+    ckpt, config_yaml = first.out_dir / "checkpoint.pt", first.out_dir / "config.yaml"
+    before = (ckpt.read_bytes(), config_yaml.read_text())
+    with pytest.raises(UserError, match="--out NEW_DIR") as err:
+        runner.fit(_cfg(tmp_path, "train.epochs=1", "reweight.name=drw", "optim.name=gnm"), progress=False)
+    assert "optim.name: 'sgd' -> 'gnm'" in str(err.value) and "reweight.name: 'none' -> 'drw'" in str(
+        err.value
+    )
+    assert (ckpt.read_bytes(), config_yaml.read_text()) == before
+    again = runner.fit(
+        _cfg(tmp_path, "train.epochs=1", "train.eval_every=5", "data.num_workers=0"), progress=False
+    )
+    assert again.final == first.final  # resumed the finished run: same numbers, no training
+    assert read_checkpoint(ckpt)["epoch"] == 1
+    fresh = runner.fit(
+        _cfg(tmp_path, "train.epochs=1", "reweight.name=drw", "train.resume=false"), progress=False
+    )
+    assert read_checkpoint(ckpt)["config"]["reweight"]["name"] == "drw" and fresh.final
+
+
 def test_interrupted_run_keeps_last_good_checkpoint(tmp_path, synthetic, monkeypatch):
     cfg = _cfg(tmp_path, "train.epochs=3")
     calls = {"n": 0}

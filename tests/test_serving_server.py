@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving_fixtures import Server, make_bundle, png_bomb, png_bytes, start_server
+from tests.serving_fixtures import Server, make_bundle, png_bomb, png_bytes, start_server, wait_for_workers
 
 pytestmark = pytest.mark.server
 
@@ -50,6 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "FLATPROMPT_MAX_NAME_LENGTH": "64",
     }
     srv = start_server(root / "run", env)
+    wait_for_workers(srv, 2)  # the tests below rely on both workers serving
     yield srv
     srv.stop()
 
@@ -188,16 +189,22 @@ def test_register_list_classify_delete(http: httpx.Client) -> None:
 
 def test_registration_is_visible_on_every_worker_at_once(server: Server) -> None:
     workers: set[str] = set()
+
+    def classify_fresh(name: str) -> str:
+        with httpx.Client(base_url=server.url, timeout=60) as c:  # a fresh connection: any worker
+            response = _classify(c, png_bytes(RED), candidates=[name])
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["labels"][0]["name"] == name
+        return response.headers["x-flatprompt-worker"]
+
     for i in range(6):
         name = f"visible-{i}"
         with httpx.Client(base_url=server.url, timeout=60) as c:
             assert c.post("/register", json={"names": [name]}, headers=AUTH).status_code == 200
-        for _ in range(4):  # fresh connections: the kernel spreads them over both workers
-            with httpx.Client(base_url=server.url, timeout=60) as c:
-                response = _classify(c, png_bytes(RED), candidates=[name])
-                assert response.status_code == 200, response.text
-                assert response.json()["results"][0]["labels"][0]["name"] == name
-                workers.add(response.headers["x-flatprompt-worker"])
+        # 8 at once right after the registration: while one worker is busy the other must accept, so both
+        # answer (sequential connections can all land on the same idle worker)
+        with cf.ThreadPoolExecutor(8) as pool:
+            workers.update(pool.map(classify_fresh, [name] * 8))
     assert len(workers) == 2, workers
 
 

@@ -6,6 +6,7 @@ themselves. Unknown fields and bad values are refused with a message naming the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,3 +173,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return RunConfig.model_validate(tree)
     except ValidationError as e:
         raise UserError(_format_validation(e, source)) from e
+
+
+# Fields a resumed run may change: where it runs and how often / how fast it evaluates, never what it learns.
+RESUME_FREE_FIELDS = frozenset(
+    {
+        "train.out_dir",
+        "train.resume",
+        "train.device",
+        "train.compile",
+        "train.eval_every",
+        "data.num_workers",
+        "data.eval_batch_size",
+    }
+)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_conflicts(saved: Mapping[str, Any], current: RunConfig) -> list[str]:
+    """``field: saved -> current`` for every field, outside :data:`RESUME_FREE_FIELDS`, in which the config a
+    checkpoint was written with (``saved``, a ``model_dump``) differs from ``current``."""
+    old, new = _flatten(saved), _flatten(current.model_dump())
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in RESUME_FREE_FIELDS and old.get(key) != new.get(key)
+    ]

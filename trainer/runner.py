@@ -24,7 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from trainer import distributed as dist_utils
 from trainer.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, atomic_torch_save, read_checkpoint
-from trainer.config import DataConfig, RunConfig
+from trainer.config import DataConfig, RunConfig, resume_conflicts
 from trainer.data.base import LabelledImages, TaskData, Transformed
 from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_cosine
 from trainer.errors import UserError
@@ -215,11 +215,23 @@ class FitResult:
 
 
 def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
-    """Train prompts as configured; resumes from ``out_dir/checkpoint.pt`` when present and allowed."""
+    """Train prompts as configured; resumes from ``out_dir/checkpoint.pt`` when present and allowed.
+
+    A checkpoint written with a different config (outside :data:`trainer.config.RESUME_FREE_FIELDS`) is refused, not
+    silently continued under the new settings.
+    """
+    out = Path(cfg.train.out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    saved = read_checkpoint(ckpt_path) if cfg.train.resume and ckpt_path.exists() else None
+    if saved is not None and (conflicts := resume_conflicts(saved.get("config") or {}, cfg)):
+        shown = "; ".join(conflicts[:4]) + (f"; and {len(conflicts) - 4} more" if len(conflicts) > 4 else "")
+        raise UserError(
+            f"{ckpt_path} was written with another config ({shown}): pass --out NEW_DIR for a new run, "
+            "or --set train.resume=false to start this folder over"
+        )
     requested = dist_utils.resolve_device(cfg.train.device, dist_utils.world_info_from_env())
     info = dist_utils.init_distributed(requested)
     device = requested
-    out = Path(cfg.train.out_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -303,11 +315,10 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
     )
 
     start_epoch = 0
-    ckpt_path = out / CHECKPOINT_NAME
     zero_shot: dict[str, float | None] | None = None
     zero_shot_per_class: list[float] | None = None  # base classes, for per_class.csv and the report
-    if cfg.train.resume and ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path)
+    if saved is not None:
+        ckpt = saved
         model.load_trainable_state_dict(ckpt["prompt_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
