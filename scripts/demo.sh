@@ -2,7 +2,9 @@
 # The main job on the embedded toy world, start to finish on CPU:
 #   set up -> train prompts (zero-shot vs tuned table) -> export a verified ONNX bundle
 #   -> serve it with BentoML on 127.0.0.1:3000 (Ctrl-C stops the server).
-# SERVE=0 skips the server; extra arguments go to `python -m trainer fit` (e.g. --set optim.name=gnm).
+# SERVE=0 skips the server; extra arguments go to `python -m trainer fit`, with a run folder of their own:
+#   RUN=runs/gnm BUNDLE=bundles/gnm bash scripts/demo.sh --set optim.name=gnm
+# (a rerun into a folder trained with other settings is refused, not silently resumed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
