@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig, load_config, resume_conflicts
 from trainer.errors import UserError
 
 
@@ -61,3 +61,17 @@ def test_round_trip_through_dump():
     cfg = load_config(None, ["optim.name=gcsam", "optim.rho=0.2"])
     again = RunConfig.model_validate(cfg.model_dump())
     assert again == cfg
+
+
+def test_resume_conflicts_names_changed_fields_only() -> None:
+    saved = load_config(None, ["optim.name=gnm", "train.epochs=3"]).model_dump()
+    assert resume_conflicts(saved, load_config(None, ["optim.name=gnm", "train.epochs=3"])) == []
+    changed = load_config(None, ["optim.name=sam", "train.epochs=3", "train.eval_every=2", "data.root=/x"])
+    assert resume_conflicts(saved, changed) == ["optim.name: 'gnm' -> 'sam'"]  # eval_every, root are free
+    # a checkpoint from before a field existed: the missing field counts as its default
+    del saved["optim"]["accumulation"]
+    saved["optim"]["retired_field"] = 1  # and a field the code no longer has is ignored
+    current = load_config(None, ["optim.name=gnm", "train.epochs=3"])
+    assert resume_conflicts(saved, current) == []
+    current = load_config(None, ["optim.name=gnm", "train.epochs=3", "optim.accumulation=2"])
+    assert resume_conflicts(saved, current) == ["optim.accumulation: 1 -> 2"]

@@ -175,7 +175,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise UserError(_format_validation(e, source)) from e
 
 
-# Fields a resumed run may change: where it runs and how often / how fast it evaluates, never what it learns.
+# Fields a resumed run may change: where it runs, where its files are, how often / how fast it evaluates;
+# never what it learns. (The files themselves are checked by content: the model's identity and the
+# classes and counts of the data are compared with the checkpoint's separately.)
 RESUME_FREE_FIELDS = frozenset(
     {
         "train.out_dir",
@@ -185,6 +187,12 @@ RESUME_FREE_FIELDS = frozenset(
         "train.eval_every",
         "data.num_workers",
         "data.eval_batch_size",
+        "data.root",
+        "data.train_file",
+        "data.test_file",
+        "data.names_file",
+        "model.pretrained",
+        "model.config_path",
     }
 )
 
@@ -201,10 +209,15 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_conflicts(saved: Mapping[str, Any], current: RunConfig) -> list[str]:
     """``field: saved -> current`` for every field, outside :data:`RESUME_FREE_FIELDS`, in which the config a
-    checkpoint was written with (``saved``, a ``model_dump``) differs from ``current``."""
-    old, new = _flatten(saved), _flatten(current.model_dump())
+    checkpoint was written with (``saved``, a ``model_dump``) differs from ``current``.
+
+    A field the saved config lacks (added to the code after it was written) counts as its default; a field
+    the code no longer has is ignored.
+    """
+    new = _flatten(current.model_dump())
+    old = {**_flatten(RunConfig().model_dump()), **_flatten(saved)}
     return [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(old.keys() | new.keys())
-        if key not in RESUME_FREE_FIELDS and old.get(key) != new.get(key)
+        f"{key}: {old.get(key)!r} -> {new[key]!r}"
+        for key in sorted(new)
+        if key not in RESUME_FREE_FIELDS and old.get(key) != new[key]
     ]

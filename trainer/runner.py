@@ -30,7 +30,7 @@ from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_co
 from trainer.errors import UserError
 from trainer.evaluation import evaluation_summary, write_per_class_csv, write_summary_json
 from trainer.metrics import ShotThresholds, harmonic_mean, thresholds_rule
-from trainer.models import LoadedClip, PreprocessSpec, load_clip, load_toy_clip
+from trainer.models import LoadedClip, ModelIdentity, PreprocessSpec, load_clip, load_toy_clip
 from trainer.optim import GNM, build_optimizer
 from trainer.prompts import PromptedCLIP
 from trainer.reweight import build_loss
@@ -214,6 +214,44 @@ class FitResult:
     final: dict[str, float | None]
 
 
+RUN_OUTPUTS = ("summary.json", "per_class.csv", "predictions_base.npz", "predictions_novel.npz")
+
+
+def _resume_data_conflicts(
+    saved: dict[str, Any], identity: ModelIdentity, class_names: list[str], counts: list[int]
+) -> list[str]:
+    """What differs between the model / data a checkpoint was trained on and the ones built now."""
+    old = saved.get("identity") or {}
+    out = []
+    if old.get("name", identity.name) != identity.name:
+        out.append(f"model {old['name']!r} -> {identity.name!r}")
+    elif old.get("weights_sha256") and identity.weights_sha256:
+        if old["weights_sha256"] != identity.weights_sha256:
+            out.append(f"model weights sha256 {old['weights_sha256'][:12]} -> {identity.weights_sha256[:12]}")
+    elif old.get("pretrained") != identity.pretrained:
+        out.append(f"model weights {old.get('pretrained')!r} -> {identity.pretrained!r}")
+    if list(saved.get("class_names", class_names)) != list(class_names):
+        out.append(f"class names ({len(saved['class_names'])} saved, {len(class_names)} now)")
+    elif list(saved.get("class_counts", counts)) != list(counts):
+        out.append("training images per class")
+    return out
+
+
+def _reset_run_files(out: Path, keep_epochs: int) -> None:
+    """Start ``out`` clean for a run that begins at epoch ``keep_epochs``: metrics.jsonl keeps only the
+    lines of the epochs before it (none for a fresh start; a crash between the metrics line and the
+    checkpoint leaves one too many), and a fresh start drops the previous run's final outputs."""
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():
+        lines = metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= keep_epochs]
+        if kept != lines:
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+    if keep_epochs == 0:
+        for name in RUN_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+
+
 def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
     """Train prompts as configured; resumes from ``out_dir/checkpoint.pt`` when present and allowed.
 
@@ -251,6 +289,13 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
     if min(counts) == 0:
         empty = [task.class_names[i] for i, c in enumerate(counts) if c == 0][:5]
         raise UserError(f"classes with no training images: {empty}: fix the data or the long-tail profile")
+    if saved is not None and (
+        changed := _resume_data_conflicts(saved, loaded.identity, task.class_names, counts)
+    ):
+        raise UserError(
+            f"{ckpt_path} was trained on another model or data ({'; '.join(changed)}): pass --out NEW_DIR "
+            "for a new run, or --set train.resume=false to start this folder over"
+        )
     model.set_class_names(task.class_names)
     spec = loaded.preprocess
     thresholds = ShotThresholds(cfg.eval.many_above, cfg.eval.few_below)
@@ -342,6 +387,8 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        _reset_run_files(out, keep_epochs=start_epoch)
     last_eval: dict[str, Any] | None = None
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()

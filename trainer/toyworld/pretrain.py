@@ -203,6 +203,14 @@ def _quick_eval(
     return " ".join(f"{k.removeprefix('zero_shot_')} {v:.3f}" for k, v in res.items())
 
 
+def _loadavg() -> float | None:
+    """1-minute load average (provenance: was the machine shared?), None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def pretrain(
     out: Path | None = TOY_MODEL_CHECKPOINT,
     seed: int = 0,
@@ -242,7 +250,7 @@ def pretrain(
 
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    load_start = os.getloadavg()
+    load_start = _loadavg()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -374,7 +382,7 @@ def pretrain(
     meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
     meta["cpu_time_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
     meta["cpu_count"] = os.cpu_count()
-    meta["loadavg_1min_start_end"] = [round(load_start[0], 2), round(os.getloadavg()[0], 2)]
+    meta["loadavg_1min_start_end"] = [load_start, _loadavg()]
     meta = json.loads(json.dumps(meta, default=str))  # plain types only: the file must load with weights_only
     if out is not None:
         out = Path(out)
