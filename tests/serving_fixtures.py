@@ -443,7 +443,10 @@ def start_postgres() -> Postgres:
     """
     binaries = postgres_binaries()
     if binaries is None:
-        raise FileNotFoundError("PostgreSQL binaries (initdb, pg_ctl, postgres) not found")
+        raise FileNotFoundError(
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: run scripts/test.sh as root "
+            "(it installs them), or apt-get install postgresql"
+        )
     workdir = Path(tempfile.mkdtemp(prefix="flatprompt-pg-"))
     datadir = workdir / "pgdata"
     user = "flatprompt"

@@ -31,7 +31,7 @@ from serving.registry import (
     RegistryFullError,
 )
 from serving.scoring import ClassIndex
-from tests.serving_fixtures import png_bomb, png_bytes, postgres_binaries, start_postgres
+from tests.serving_fixtures import png_bomb, png_bytes, start_postgres
 
 # -- config ------------------------------------------------------------------------------------
 
@@ -277,11 +277,6 @@ def test_sqlite_registry(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def postgres() -> Any:
-    if postgres_binaries() is None:
-        pytest.skip(
-            "PostgreSQL server binaries are not installed: apt-get install postgresql "
-            "(.ci/run installs it, so CI always runs this test)"
-        )
     pg = start_postgres()
     yield pg
     pg.stop()
