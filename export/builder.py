@@ -139,6 +139,9 @@ def _base_manifest(
             "open_clip_version": open_clip.__version__,
             "weights_sha256": ident.weights_sha256,
             "checkpoint_sha256": source.checkpoint_sha256,
+            # the towers' MLP activation, baked into the graphs ("quick_gelu" for OpenAI weights); null for
+            # a checkpoint written before flatprompt recorded it
+            "activation": ident.activation,
         },
         "source": {
             "kind": source.kind,

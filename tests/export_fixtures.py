@@ -62,7 +62,8 @@ def tiny_weights(path: Path, seed: int = 0) -> Path:
 def load_tiny(weights: Path) -> Any:
     from trainer.models import load_clip
 
-    return load_clip(TINY_NAME, pretrained=str(weights), config_path=str(TINY_CONFIG))
+    # a plain weights file does not record its activation: the tiny weights were built with GELU
+    return load_clip(TINY_NAME, pretrained=str(weights), config_path=str(TINY_CONFIG), quick_gelu=False)
 
 
 def make_prompted(

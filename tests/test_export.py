@@ -109,6 +109,7 @@ def test_manifest_lists_every_file_with_its_checksum(tuned_bundle):
         assert entry["bytes"] == (tuned_bundle / name).stat().st_size
     assert manifest["format_version"] == 1
     assert manifest["source"]["kind"] == "prompt_tuned"
+    assert manifest["model"]["activation"] == "gelu"  # recorded from the checkpoint's identity
     assert manifest["source"]["checkpoint_sha256"] == manifest["model"]["checkpoint_sha256"]
     assert manifest["prompt"] == {
         "template": "X X X X {}.",
@@ -184,6 +185,7 @@ def test_bundle_preprocess_equals_open_clip_transform(tuned, tuned_bundle):
 def test_zero_shot_bundle_with_fp16_files(zero_shot_bundle):
     manifest = json.loads((zero_shot_bundle / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "zero_shot" and manifest["prompt"]["n_ctx"] == 0
+    assert manifest["model"]["activation"] == "gelu"
     assert manifest["prompt"]["template"] == "a drawing of a {}."
     assert manifest["onnx"]["exporter"] == "torchscript"
     assert {"image_encoder.fp16.onnx", "text_encoder.fp16.onnx"} <= set(manifest["files"])

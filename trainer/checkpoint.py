@@ -106,7 +106,12 @@ def build_prompted(
         loaded = load_toy_clip(device)
     else:
         loaded = load_clip(
-            identity.name, identity.pretrained, _config_path_for(identity, config_json), device
+            identity.name,
+            identity.pretrained,
+            _config_path_for(identity, config_json),
+            device,
+            quick_gelu=identity.quick_gelu,  # as trained; None: written before it was recorded
+            require_known_activation=identity.quick_gelu is not None,
         )
     if identity.weights_sha256 and loaded.identity.weights_sha256 != identity.weights_sha256:
         raise UserError(

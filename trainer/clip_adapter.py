@@ -57,6 +57,23 @@ def check_supported(clip: ClipModel) -> None:
         raise UserError("attentional pooling in the vision tower is not supported: use a 'tok'/'avg' ViT")
 
 
+# --------------------------------------------------------------------------------------------- activation
+
+
+def activation_name(clip: ClipModel) -> str:
+    """The MLP activation the towers were built with: ``"quick_gelu"`` (OpenAI's x * sigmoid(1.702 x)),
+    ``"gelu"`` or another module's class name, read from the first vision block (open_clip builds both
+    towers with the same ``act_layer``)."""
+    from open_clip.transformer import QuickGELU
+
+    act = clip.visual.transformer.resblocks[0].mlp.gelu
+    if isinstance(act, QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, nn.GELU):
+        return "gelu"
+    return type(act).__name__
+
+
 # --------------------------------------------------------------------------------------------- text
 
 

@@ -24,6 +24,9 @@ class ModelConfig(_Strict):
     name: str = "flatprompt-toyclip"  # open_clip model name (ViT-B-16, ...) or a registered config's stem
     pretrained: str | None = None  # hub tag (openai, laion2b_s34b_b88k), a local file; toy: the packaged one
     config_path: str | None = None  # open_clip model JSON registered at run time
+    # MLP activation: null = from the hub tag's pretrained config (openai: QuickGELU) or the model config
+    # (the -quickgelu names); a local weights file under a config that does not say needs it set
+    quick_gelu: bool | None = None
 
 
 class PromptConfig(_Strict):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from trainer.clip_adapter import activation_name
 from trainer.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -47,6 +48,14 @@ class ModelIdentity:
     config_path: str | None  # JSON registered at run time, if any
     open_clip_version: str
     weights_sha256: str | None  # of the local checkpoint file, when there is one
+    # the MLP activation the towers were built with (True: OpenAI's QuickGELU); None in checkpoints written
+    # before it was recorded (those were built with the model config's own activation)
+    quick_gelu: bool | None = None
+
+    @property
+    def activation(self) -> str | None:
+        """``"quick_gelu"`` / ``"gelu"`` (None when not recorded)."""
+        return None if self.quick_gelu is None else ("quick_gelu" if self.quick_gelu else "gelu")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,13 +122,83 @@ def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A plain open_clip checkpoint, a {'state_dict': ...} wrapper, or the compact toy format."""
+def resolve_quick_gelu(
+    name: str,
+    pretrained: str | None,
+    *,
+    local_file: bool,
+    compact: bool = False,
+    requested: bool | None = None,
+    require_known: bool = True,
+) -> tuple[bool, str]:
+    """Which activation to build ``name`` with, and where that answer came from.
+
+    The activation is not stored in the weights, so it must come from somewhere else: the user
+    (``requested``, ``model.quick_gelu``), the hub tag's pretrained config (open_clip's ``openai`` tags say
+    ``quick_gelu=True``, yet ``create_model("ViT-B-16", pretrained="openai")`` builds ``nn.GELU`` and only
+    warns), the model config itself when it declares ``quick_gelu`` (the ``-quickgelu`` names, or a JSON with
+    the key), or the packaged compact format (saved from a model built with its config). A plain local
+    weights file under a config that does not say is refused (``require_known``), since the wrong activation
+    silently degrades every number.
+    """
+    import open_clip
+
+    cfg_value = (open_clip.get_model_config(name) or {}).get("quick_gelu")
+    tag_value: bool | None = None
+    if pretrained and not local_file:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if tag_cfg:
+            tag_value = bool(tag_cfg.get("quick_gelu", False))
+    if requested is not None:
+        if tag_value is not None and tag_value != requested:
+            _logger.warning(
+                "model.quick_gelu=%s, but the weights of tag '%s' of '%s' were trained with quick_gelu=%s",
+                requested,
+                pretrained,
+                name,
+                tag_value,
+            )
+        return requested, "model.quick_gelu"
+    if tag_value is not None:
+        if cfg_value is not None and bool(cfg_value) != tag_value:
+            _logger.warning(
+                "model config '%s' says quick_gelu=%s but tag '%s' was trained with %s: using the tag's",
+                name,
+                cfg_value,
+                pretrained,
+                tag_value,
+            )
+        return tag_value, f"pretrained tag '{pretrained}'"
+    if not pretrained:
+        return bool(cfg_value), "model config (random init)"
+    if compact:
+        return bool(cfg_value), "packaged checkpoint (built from its model config)"
+    if cfg_value is not None:
+        return bool(cfg_value), f"model config '{name}'"
+    if require_known:
+        raise _unknown_activation(name, pretrained)
+    return False, UNKNOWN_ACTIVATION
+
+
+UNKNOWN_ACTIVATION = "model config's default (the weights file does not record it)"
+
+
+def _unknown_activation(name: str, pretrained: str) -> UserError:
+    return UserError(
+        f"the activation of checkpoint {pretrained} cannot be known (model config '{name}' does not say "
+        "quick_gelu, and a weights file does not record it): set model.quick_gelu=true for OpenAI-trained "
+        "weights (QuickGELU), false for GELU (e.g. LAION / DataComp), or use the '-quickgelu' model name"
+    )
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A plain open_clip checkpoint, a {'state_dict': ...} wrapper, or the compact toy format (then the
+    second value is True)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            return load_file(str(path)), False
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise UserError(
@@ -127,13 +206,24 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "the file is corrupt or not a torch checkpoint; download or export it again"
         ) from e
     if isinstance(obj, dict) and obj.get("format") == COMPACT_FORMAT:
-        return expand_compact_state_dict(obj)
+        return expand_compact_state_dict(obj), True
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"checkpoint {path} holds no state dict: pass an open_clip weights file")
     # strip DDP prefixes
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in obj.items()}, False
+
+
+def _create(name: str, pretrained: str | None, quick_gelu: bool) -> Any:
+    """``open_clip.create_model`` with the activation given explicitly, whatever the model config says."""
+    import open_clip
+
+    if quick_gelu:
+        return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=True)
+    if (open_clip.get_model_config(name) or {}).get("quick_gelu"):
+        return open_clip.create_model(name, pretrained=pretrained, quick_gelu=False)  # constructor override
+    return open_clip.create_model(name, pretrained=pretrained)
 
 
 def load_clip(
@@ -141,6 +231,8 @@ def load_clip(
     pretrained: str | None = None,
     config_path: str | None = None,
     device: str | torch.device = "cpu",
+    quick_gelu: bool | None = None,
+    require_known_activation: bool = True,
 ) -> LoadedClip:
     """Build an open_clip model, load its weights, freeze it and put it in eval mode.
 
@@ -150,6 +242,10 @@ def load_clip(
             checkpoint file, or None for random init.
         config_path: an open_clip model JSON to register first (its stem must equal ``name``).
         device: where to put the model.
+        quick_gelu: the activation, when the caller knows it (``model.quick_gelu``); None takes it from the
+            tag / model config (see :func:`resolve_quick_gelu`).
+        require_known_activation: refuse a local weights file whose activation cannot be known; False
+            (rebuilding a checkpoint written before the activation was recorded) uses the config's.
     """
     import open_clip
 
@@ -173,12 +269,20 @@ def load_clip(
             raise UserError(
                 f"checkpoint {path} does not exist: fix model.pretrained or train/download it first"
             )
+        state, compact = _read_state_dict(path)
+        use_quick_gelu, source = resolve_quick_gelu(
+            name,
+            pretrained,
+            local_file=True,
+            compact=compact,
+            requested=quick_gelu,
+            require_known=False,  # refused below, once the file is known to fit the model at all
+        )
         logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the weights load next
         try:
-            model = open_clip.create_model(name, pretrained=None)
+            model = _create(name, None, use_quick_gelu)
         finally:
             logging.disable(logging.NOTSET)
-        state = _read_state_dict(path)
         if model.logit_bias is None:
             state.pop("logit_bias", None)
         if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
@@ -195,15 +299,27 @@ def load_clip(
                 f"checkpoint {path} does not fit model '{name}' (missing {result.missing_keys[:3]}, "
                 f"unexpected {result.unexpected_keys[:3]}): pass the model name it was trained with"
             )
+        if source == UNKNOWN_ACTIVATION and require_known_activation:
+            raise _unknown_activation(name, pretrained)
         sha = file_sha256(path)
     else:
+        use_quick_gelu, source = resolve_quick_gelu(
+            name, pretrained, local_file=False, requested=quick_gelu, require_known=require_known_activation
+        )
         try:
-            model = open_clip.create_model(name, pretrained=pretrained or None)
+            model = _create(name, pretrained or None, use_quick_gelu)
         except RuntimeError as e:
             raise UserError(
                 f"could not load pretrained weights '{pretrained}' for '{name}' ({str(e)[:160]}): "
                 "check the tag with open_clip.list_pretrained(), or pass a local checkpoint file"
             ) from e
+    built = activation_name(model)
+    if built != ("quick_gelu" if use_quick_gelu else "gelu"):
+        raise UserError(
+            f"model '{name}' was built with activation {built!r}, not the "
+            f"{'quick_gelu' if use_quick_gelu else 'gelu'} asked for by the {source}: check the model config"
+        )
+    _logger.info("model %s: activation %s (from the %s)", name, built, source)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -213,6 +329,7 @@ def load_clip(
         config_path=str(config_path) if config_path else None,
         open_clip_version=open_clip.__version__,
         weights_sha256=sha,
+        quick_gelu=use_quick_gelu,
     )
     return LoadedClip(model=model, identity=identity, preprocess=preprocess_spec(model))
 

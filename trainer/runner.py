@@ -92,7 +92,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[PromptedCLIP, Loa
     if m.name == "flatprompt-toyclip" and m.pretrained is None:
         loaded = load_toy_clip(device)
     else:
-        loaded = load_clip(m.name, m.pretrained, m.config_path, device)
+        loaded = load_clip(m.name, m.pretrained, m.config_path, device, quick_gelu=m.quick_gelu)
     p = cfg.prompt
     model = PromptedCLIP(
         loaded.model,
@@ -230,6 +230,8 @@ def _resume_data_conflicts(
             out.append(f"model weights sha256 {old['weights_sha256'][:12]} -> {identity.weights_sha256[:12]}")
     elif old.get("pretrained") != identity.pretrained:
         out.append(f"model weights {old.get('pretrained')!r} -> {identity.pretrained!r}")
+    if old.get("quick_gelu") is not None and old["quick_gelu"] != identity.quick_gelu:
+        out.append(f"model activation quick_gelu {old['quick_gelu']} -> {identity.quick_gelu}")
     if list(saved.get("class_names", class_names)) != list(class_names):
         out.append(f"class names ({len(saved['class_names'])} saved, {len(class_names)} now)")
     elif list(saved.get("class_counts", counts)) != list(counts):
