@@ -58,12 +58,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """Settings BentoML needs at import time (the ``@bentoml.service`` / ``@bentoml.api`` arguments)."""
+    """Process settings: BentoML's (``workers``, ``threads``, needed at import time) and the batcher's."""
 
     workers: int = 1  # BentoML worker processes
     threads: int = 4  # threads per worker running sync APIs concurrently
-    max_batch_size: int = 32  # adaptive batching: max images per image-tower call
-    max_latency_ms: int = 5000  # adaptive batching: latency budget (BentoML answers 503 beyond)
+    max_batch_size: int = 32  # dynamic batching: max images per image-tower call
+    max_queue_delay_ms: float = 20.0  # dynamic batching: longest wait of a queued image for others
+    max_queue_items: int = 256  # images queued or being decoded per worker (503 + Retry-After beyond)
     request_timeout_s: float = 30.0  # per-request deadline (504 beyond)
     max_in_flight: int = 64  # concurrent API requests per worker (429 beyond)
     ort_threads: int = 0  # ORT intra-op threads per worker; 0 = cpu_count // workers
@@ -110,6 +111,9 @@ class ServeConfig:
         )
 
 
+_ZERO_ALLOWED = frozenset({"ort_threads", "max_queue_delay_ms"})
+
+
 def _from_env(cls: type[_T], env: Mapping[str, str]) -> _T:
     """Fill a flat dataclass of int/float fields from ``FLATPROMPT_<FIELD_NAME_UPPER>`` variables."""
     values: dict[str, object] = {}
@@ -122,7 +126,7 @@ def _from_env(cls: type[_T], env: Mapping[str, str]) -> _T:
             value = kind(raw.strip())
         except ValueError as exc:
             raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
-        if value < 0 or (value == 0 and f.name != "ort_threads"):
+        if value < 0 or (value == 0 and f.name not in _ZERO_ALLOWED):
             raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} must be positive, got {raw!r}")
         values[f.name] = value
     return cls(**values)

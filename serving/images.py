@@ -8,7 +8,10 @@ Order of checks for one upload:
    pixel is decoded (a 30000x30000 PNG of a few hundred KB is refused here);
 3. full decode with ``PIL.Image.MAX_IMAGE_PIXELS`` set to the same limit as a second line of
    defence, truncated files refused (``LOAD_TRUNCATED_IMAGES`` stays False);
-4. conversion to RGB (palette, alpha, greyscale, CMYK); animated images use their first frame.
+4. decoding through :func:`serving.runtime.preprocess.prepare_image`, the same path as
+   ``Bundle.decode``: a large JPEG decodes at reduced scale (DCT scaling) when the model's preprocessing
+   config is given, then one RGB conversion for every mode (palette, alpha, greyscale, CMYK, 16-bit
+   scaled to 8 bits); animated images use their first frame.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import warnings
 from PIL import Image, ImageFile
 
 from serving.errors import ServeError
+from serving.runtime.preprocess import PreprocessConfig, prepare_image
 
 _logger = logging.getLogger(__name__)
 
@@ -60,8 +64,13 @@ def decode_base64(value: str, index: int, max_bytes: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, index: int, max_image_pixels: int) -> Image.Image:
-    """Decode one uploaded image into a loaded RGB ``PIL.Image``; raise :class:`ServeError` (4xx) otherwise."""
+def decode_image(
+    data: bytes, index: int, max_image_pixels: int, preprocess: PreprocessConfig | None = None
+) -> Image.Image:
+    """Decode one uploaded image into a loaded RGB ``PIL.Image``; raise :class:`ServeError` (4xx) otherwise.
+
+    With ``preprocess`` (the bundle's), a JPEG much larger than the model input decodes at reduced scale.
+    """
     if not data:
         raise invalid_image("empty file (0 bytes)", index)
     try:
@@ -74,24 +83,23 @@ def decode_image(data: bytes, index: int, max_image_pixels: int) -> Image.Image:
         raise invalid_image(
             f"not a supported image ({', '.join(ALLOWED_FORMATS)}): {_short(exc)}", index
         ) from None
-    with image:
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise invalid_image("zero-sized image", index)
-        if width * height > max_image_pixels:
-            raise _too_many_pixels(index, (width, height), max_image_pixels)
-        try:
-            image.load()  # first frame of animated images
-            rgb = image.convert("RGB")
-        except Image.DecompressionBombError:
-            raise _too_many_pixels(index, (width, height), max_image_pixels) from None
-        except MemoryError:
-            _logger.warning("image %d: out of memory while decoding %dx%d", index, width, height)
-            raise ServeError(
-                413, "image_too_large", f"image {index}: too large to decode", limit="image_pixels"
-            ) from None
-        except (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError) as exc:
-            raise invalid_image(f"corrupt or truncated {image.format} data: {_short(exc)}", index) from None
+    # no `with image:`: closing would also free the pixels of an RGB image returned as is
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise invalid_image("zero-sized image", index)
+    if width * height > max_image_pixels:
+        raise _too_many_pixels(index, (width, height), max_image_pixels)
+    try:
+        rgb = prepare_image(image, preprocess)  # first frame of animated images
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(index, (width, height), max_image_pixels) from None
+    except MemoryError:
+        _logger.warning("image %d: out of memory while decoding %dx%d", index, width, height)
+        raise ServeError(
+            413, "image_too_large", f"image {index}: too large to decode", limit="image_pixels"
+        ) from None
+    except (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError) as exc:
+        raise invalid_image(f"corrupt or truncated {image.format} data: {_short(exc)}", index) from None
     return rgb
 
 

@@ -6,17 +6,15 @@ for validation errors, ``[{"error"}]`` for raised exceptions, plain text for unk
 checks no credentials. :class:`GuardMiddleware` closes those gaps, in this order:
 
 1. probes and ``/metrics`` pass straight through (only their error bodies are normalised);
-2. the internal image-encoding route answers 404 unless the request carries this process's internal
-   token (only the service's own in-process client has it);
-3. ``/register`` and ``/unregister`` need ``Authorization: Bearer <FLATPROMPT_TOKEN>``, compared
+2. ``/register`` and ``/unregister`` need ``Authorization: Bearer <FLATPROMPT_TOKEN>``, compared
    with :func:`hmac.compare_digest`; with no token configured they answer 403 (never open);
-4. media type per route (multipart for ``/classify``, JSON elsewhere), else 415;
-5. ``Content-Length`` above the limit answers 413 before the body is read; bodies without a length
+3. media type per route (multipart for ``/classify``, JSON elsewhere), else 415;
+4. ``Content-Length`` above the limit answers 413 before the body is read; bodies without a length
    (chunked) are counted while streamed and cut at the limit, also answering 413;
-6. at most ``max_in_flight`` API requests per worker, 429 with ``Retry-After`` beyond
+5. at most ``max_in_flight`` API requests per worker, 429 with ``Retry-After`` beyond
    (BentoML's own ``max_concurrency`` is not used: its 429 would bypass this schema);
-7. a per-request deadline answering 504 when no response started in time;
-8. every 4xx/5xx body that is not already ``{"error": code, "message": text}`` is rewritten to it.
+6. a per-request deadline answering 504 when no response started in time;
+7. every 4xx/5xx body that is not already ``{"error": code, "message": text}`` is rewritten to it.
 
 Each refusal increments ``flatprompt_limit_violations_total{limit}`` and every API request
 ``flatprompt_requests_total{endpoint, outcome}``.
@@ -28,8 +26,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import secrets
-import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -47,23 +43,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PASSTHROUGH_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 PROTECTED_PATHS = frozenset({"/register", "/unregister"})
-INTERNAL_PATHS = frozenset({"/encode_images"})
 MULTIPART_PATHS = frozenset({"/classify"})
-JSON_PATHS = frozenset({"/classify_base64", "/register", "/unregister", "/classes", "/encode_images"})
-INTERNAL_HEADER = "x-flatprompt-internal"
+JSON_PATHS = frozenset({"/classify_base64", "/register", "/unregister", "/classes"})
 WORKER_HEADER = "x-flatprompt-worker"  # BentoML worker index that answered (debugging, tests)
-
-_internal_token: str | None = None
-_internal_lock = threading.Lock()
-
-
-def internal_token() -> str:
-    """A random per-process secret that marks the service's own in-process calls."""
-    global _internal_token
-    with _internal_lock:
-        if _internal_token is None:
-            _internal_token = secrets.token_urlsafe(32)
-        return _internal_token
 
 
 def _worker_id() -> str:
@@ -137,6 +119,9 @@ class _State:
         self.too_large = False
         self.started = False  # a response start message went out (to the client)
         self.status = 0
+        self.body_done = asyncio.Event()  # the app has read the whole request body
+        self.disconnected = False  # the client went away before the response was complete
+        self.path = ""
 
 
 class GuardMiddleware:
@@ -162,10 +147,7 @@ class GuardMiddleware:
             return
         endpoint = endpoint_label(path)
         headers = _headers(scope)
-        internal = path in INTERNAL_PATHS and hmac.compare_digest(
-            headers.get(INTERNAL_HEADER, "").encode("utf-8"), internal_token().encode("utf-8")
-        )
-        refusal = self._check_request(scope, path, headers, internal)
+        refusal = self._check_request(scope, path, headers)
         if refusal is not None:
             status, code, message, limit, extra = refusal
             if limit:
@@ -173,33 +155,30 @@ class GuardMiddleware:
             get_metrics().requests.labels(endpoint=endpoint, outcome=outcome_for_status(status)).inc()
             await _send_error(send, status, code, message, extra)
             return
-        if not internal:
-            if self.in_flight >= self.max_in_flight:
-                get_metrics().limit_violations.labels(limit="in_flight").inc()
-                get_metrics().requests.labels(endpoint=endpoint, outcome="overloaded").inc()
-                await _send_error(
-                    send,
-                    429,
-                    "overloaded",
-                    f"more than {self.max_in_flight} requests in flight in this worker; retry later",
-                    {"retry-after": "1"},
-                )
-                return
-            self.in_flight += 1
+        if self.in_flight >= self.max_in_flight:
+            get_metrics().limit_violations.labels(limit="in_flight").inc()
+            get_metrics().requests.labels(endpoint=endpoint, outcome="overloaded").inc()
+            await _send_error(
+                send,
+                429,
+                "overloaded",
+                f"more than {self.max_in_flight} requests in flight in this worker; retry later",
+                {"retry-after": "1"},
+            )
+            return
+        self.in_flight += 1
         state = _State()
         try:
-            await self._run_with_deadline(scope, self._counting_receive(receive, state), send, state)
+            state.path = path
+            await self._run_with_deadline(scope, self._counting_receive(receive, state), receive, send, state)
         finally:
-            if not internal:
-                self.in_flight -= 1
+            self.in_flight -= 1
 
     # -- checks --------------------------------------------------------------------------------
     def _check_request(
-        self, scope: Scope, path: str, headers: dict[str, str], internal: bool
+        self, scope: Scope, path: str, headers: dict[str, str]
     ) -> tuple[int, str, str, str | None, dict[str, str]] | None:
         """Return ``(status, code, message, limit, headers)`` to refuse the request, else None."""
-        if path in INTERNAL_PATHS and not internal:
-            return 404, "not_found", f"no route {path}", None, {}
         if path in PROTECTED_PATHS:
             if self._token is None:
                 return (
@@ -261,12 +240,16 @@ class GuardMiddleware:
                 if state.received > self.max_body_bytes:
                     state.too_large = True
                     raise BodyTooLarge(f"request body exceeds {self.max_body_bytes} bytes")
+                if not message.get("more_body", False):
+                    state.body_done.set()
             return message
 
         return wrapped
 
     # -- running the app -----------------------------------------------------------------------
-    async def _run_with_deadline(self, scope: Scope, receive: Receive, send: Send, state: _State) -> None:
+    async def _run_with_deadline(
+        self, scope: Scope, receive: Receive, raw_receive: Receive, send: Send, state: _State
+    ) -> None:
         loop = asyncio.get_running_loop()
         started = loop.create_future()
         out = self._normalising_send(send, state, scope, count=True)
@@ -277,6 +260,34 @@ class GuardMiddleware:
             await out(message)
 
         task = asyncio.ensure_future(self._run_app(scope, receive, first_send, state, send))
+        watcher = asyncio.ensure_future(self._watch_disconnect(raw_receive, state, task))
+        try:
+            await self._await_app(task, started, send, state, scope)
+        finally:
+            watcher.cancel()
+
+    async def _watch_disconnect(self, receive: Receive, state: _State, task: asyncio.Future[None]) -> None:
+        """Cancel the app when the client disconnects after sending its body (frees its queue slot)."""
+        await state.body_done.wait()
+        while not task.done():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not task.done() and not state.started:
+                    state.disconnected = True
+                    get_metrics().requests.labels(
+                        endpoint=endpoint_label(state.path), outcome="cancelled"
+                    ).inc()
+                    task.cancel()
+                return
+
+    async def _await_app(
+        self,
+        task: asyncio.Future[None],
+        started: asyncio.Future[None],
+        send: Send,
+        state: _State,
+        scope: Scope,
+    ) -> None:
         done, _ = await asyncio.wait(
             {task, started}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED
         )
@@ -284,7 +295,7 @@ class GuardMiddleware:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            if not state.started:
+            if not state.started and not state.disconnected:
                 _logger.warning("request to %s timed out after %.1f s", scope.get("path"), self.timeout_s)
                 await self._final_error(
                     send, state, scope, 504, "timeout", f"no response within {self.timeout_s:g} s"
@@ -292,6 +303,10 @@ class GuardMiddleware:
             return
         if not started.done():
             started.cancel()
+        if state.disconnected:  # cancelled by _watch_disconnect: nobody to answer
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
         await task
 
     async def _run_app(

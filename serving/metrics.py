@@ -12,6 +12,8 @@ Exposed (next to BentoML's ``bentoml_service_*`` built-ins):
 * ``flatprompt_limit_violations_total{limit}``
 * ``flatprompt_model_latency_seconds{tower}`` (histogram, ``tower`` = image | text)
 * ``flatprompt_batch_size{tower}`` (histogram of items per model call)
+* ``flatprompt_queue_wait_seconds{tower}`` (histogram: how long the oldest item of a batch waited)
+* ``flatprompt_queue_depth{tower}`` (gauge: items queued or being decoded, summed over live workers)
 * ``flatprompt_image_bytes`` (histogram of uploaded image sizes)
 * ``flatprompt_registered_classes`` (gauge, max over live workers)
 * ``flatprompt_registry_reloads_total``, ``flatprompt_registry_errors_total``
@@ -27,7 +29,7 @@ from typing import Any
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGE_BYTES_BUCKETS = tuple(float(1024 * 4**i) for i in range(9))  # 1 KiB .. 64 MiB
 
-ENDPOINTS = frozenset({"classify", "classify_base64", "register", "unregister", "classes", "encode_images"})
+ENDPOINTS = frozenset({"classify", "classify_base64", "register", "unregister", "classes"})
 OUTCOMES = {
     400: "bad_request",
     401: "unauthorized",
@@ -72,6 +74,8 @@ class Metrics:
     limit_violations: Any
     model_latency: Any
     batch_size: Any
+    queue_wait: Any
+    queue_depth: Any
     image_bytes: Any
     registered_classes: Any
     registry_reloads: Any
@@ -114,6 +118,18 @@ def get_metrics(max_batch_size: int = 32) -> Metrics:
                     "Items (images or prompts) per ONNX Runtime call, per tower.",
                     ["tower"],
                     buckets=batch_buckets(max(max_batch_size, 64)),
+                ),
+                queue_wait=Histogram(
+                    "flatprompt_queue_wait_seconds",
+                    "Time the oldest item of a batch waited in the batcher's queue, per tower.",
+                    ["tower"],
+                    buckets=LATENCY_BUCKETS,
+                ),
+                queue_depth=Gauge(
+                    "flatprompt_queue_depth",
+                    "Items queued for a model call or announced (being decoded), per tower.",
+                    ["tower"],
+                    multiprocess_mode="livesum",
                 ),
                 image_bytes=Histogram(
                     "flatprompt_image_bytes",

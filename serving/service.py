@@ -2,18 +2,21 @@
 
 Run it with ``bentoml serve serving.service:FlatPrompt`` (configuration: :mod:`serving.config`).
 
-Request path of a classification::
+Request path of a classification (all inside one worker process; no HTTP hop, no tensor encoding)::
 
     POST /classify (multipart) or /classify_base64 (JSON)       async API, event loop
-      -> size/format checks, decode + preprocess               worker thread (own limiter)
+      -> limits checked, images announced to the batcher       event loop (503 when its queue is full)
+      -> read upload, decode (reduced-scale JPEG) + preprocess worker thread (own limiter)
       -> registry version check, reload when it moved          same thread
-      -> POST /encode_images (in-process, adaptive batching)   batchable sync API, BentoML threads
+      -> image batcher: one ORT call for the requests queued   batcher thread (serving/batcher.py)
       -> cosine logits, optional logit adjustment, top-k       worker thread
 
-The image tower runs behind ``@bentoml.api(batchable=True)`` so concurrent requests share one ORT
-call; classification endpoints are ``async`` only so that they do not hold one of BentoML's
-``threads`` while they wait for that batch (sync endpoints waiting on the batchable one in the same
-thread pool could starve it).
+Concurrent requests of a worker share ORT calls through :class:`serving.batcher.DynamicBatcher`
+(max batch size, max queue delay, bounded queue): the batch runs at once when no other request is
+being decoded, and otherwise waits at most ``FLATPROMPT_MAX_QUEUE_DELAY_MS`` for those that are.
+``/register`` embeds names through a second batcher over the text tower, so concurrent
+registrations share text-encoder calls too. ``docs/serving.md`` compares this design with BentoML's
+distributed-services pattern (``bentoml.depends``), measured side by side.
 
 Nothing here imports torch, open_clip, the trainer or the exporter; the model comes as a bundle
 (``docs/bundle.md``) read by :mod:`serving.runtime`.
@@ -21,7 +24,6 @@ Nothing here imports torch, open_clip, the trainer or the exporter; the model co
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import logging
@@ -38,13 +40,13 @@ from starlette.responses import JSONResponse
 
 from serving.config import ServeConfig, service_settings
 from serving.errors import ServeError
-from serving.limits import INTERNAL_HEADER, GuardMiddleware, harden_multipart_parsing, internal_token
+from serving.limits import GuardMiddleware, harden_multipart_parsing
 
 with bentoml.importing():
-    import aiohttp
     import anyio
     import anyio.to_thread
 
+    from serving.batcher import BatcherClosed, DynamicBatcher, Overloaded, Reservation
     from serving.images import configure_pil, decode_base64, decode_image
     from serving.metrics import get_metrics
     from serving.names import clean_name, clean_template, name_key
@@ -62,7 +64,6 @@ with bentoml.importing():
 _logger = logging.getLogger(__name__)
 _SETTINGS = service_settings()  # import time: the decorators below need these
 TEXT_CHUNK = 256  # prompts per text-encoder call
-ENCODE_ATTEMPTS = 3  # sends of one internal encode_images call (see _encode)
 
 EXAMPLE_NAMES = ["okapi", "snow leopard"]
 
@@ -138,6 +139,7 @@ class FlatPrompt:
         self._index = ClassIndex.build(
             self._trained_names, self.bundle.class_counts, self.bundle.class_embeddings, [], version=-1
         )
+        self.image_batcher, self.text_batcher = self._batchers()
         self.registry = Registry.open(self.config.registry_url)
         rewritten = self.registry.reembed_stale(
             self.bundle_hash, int(self.bundle.embed_dim), lambda rows: self._embed_rows(rows)
@@ -166,35 +168,43 @@ class FlatPrompt:
 
     @bentoml.on_shutdown
     def _close(self) -> None:
+        self.image_batcher.close()
+        self.text_batcher.close()
         self.registry.close()
 
-    # -- endpoints -----------------------------------------------------------------------------
-    @bentoml.api(
-        batchable=True,
-        batch_dim=0,
-        max_batch_size=_SETTINGS.max_batch_size,
-        max_latency_ms=_SETTINGS.max_latency_ms,
-    )
-    def encode_images(self, pixels: list[str]) -> list[str]:
-        """Internal (in-process only): base64 float32 ``[3, S, S]`` images -> base64 float32 ``[E]`` embeddings."""
-        size = int(self.bundle.image_size)
-        expected = 3 * size * size * 4
-        arrays = []
-        for item in pixels:
-            raw = base64.b64decode(item)
-            if len(raw) != expected:
-                raise ServeError(400, "bad_request", f"pixel buffer of {len(raw)} bytes, expected {expected}")
-            arrays.append(np.frombuffer(raw, dtype=np.float32).reshape(3, size, size))
-        batch = np.stack(arrays)
-        started = time.perf_counter()
-        embeddings = self.bundle.embed_images(batch)
-        self.metrics.model_latency.labels(tower="image").observe(time.perf_counter() - started)
-        self.metrics.batch_size.labels(tower="image").observe(len(arrays))
-        return [
-            base64.b64encode(np.ascontiguousarray(e, dtype=np.float32).tobytes()).decode("ascii")
-            for e in embeddings
-        ]
+    def _batchers(self) -> tuple[DynamicBatcher, DynamicBatcher]:
+        """One batcher per tower; each owns the thread that runs that tower's ORT calls."""
+        settings = self.config.service
+        metrics = self.metrics
 
+        def hooks(tower: str) -> dict[str, Any]:
+            def on_batch(items: int, seconds: float, waited: float) -> None:
+                metrics.model_latency.labels(tower=tower).observe(seconds)
+                metrics.batch_size.labels(tower=tower).observe(items)
+                metrics.queue_wait.labels(tower=tower).observe(waited)
+
+            gauge = metrics.queue_depth.labels(tower=tower)
+            return {"on_batch": on_batch, "on_depth": gauge.set}
+
+        image = DynamicBatcher(
+            lambda x: self.bundle.embed_images(x, batch_size=max(settings.max_batch_size, len(x))),
+            name="image",
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_queue_items=max(settings.max_queue_items, settings.max_batch_size),
+            **hooks("image"),
+        )
+        text = DynamicBatcher(
+            lambda ids: self.bundle.embed_token_ids(ids, batch_size=TEXT_CHUNK),
+            name="text",
+            max_batch_size=TEXT_CHUNK,
+            max_queue_delay_s=0.0,  # no announcements: a text batch is whatever queued during the last
+            max_queue_items=1 << 30,  # registrations are bounded by their own limits
+            **hooks("text"),
+        )
+        return image, text
+
+    # -- endpoints -----------------------------------------------------------------------------
     @bentoml.api
     async def classify(
         self,
@@ -212,8 +222,7 @@ class FlatPrompt:
             tau: post-hoc logit adjustment strength (0 = off), using the trained class counts.
         """
         try:
-            uploads = await self._run(lambda: [_read_upload(p) for p in images])
-            return await self._classify(uploads, None, top_k, candidates, tau)
+            return await self._classify(list(images), None, top_k, candidates, tau)
         except ServeError as error:
             return cast(dict[str, Any], _error_response(error))
 
@@ -282,7 +291,7 @@ class FlatPrompt:
 
     async def _classify(
         self,
-        uploads: list[bytes] | None,
+        uploads: list[Path] | None,
         encoded: list[str] | None,
         top_k: int,
         candidates: list[str] | None,
@@ -321,22 +330,28 @@ class FlatPrompt:
                 )
 
         def prepare() -> tuple[np.ndarray, ClassIndex, np.ndarray | None]:
-            files = uploads
-            if files is None:
-                files = [decode_base64(s, i, limits.max_body_bytes) for i, s in enumerate(encoded or [])]
-            pixels = []
-            for i, data in enumerate(files):
+            size = int(self.bundle.image_size)
+            pixels = np.empty((count, 3, size, size), np.float32)
+            for i in range(count):
+                if uploads is not None:
+                    data = _read_upload(uploads[i])
+                else:
+                    data = decode_base64((encoded or [])[i], i, limits.max_body_bytes)
                 self.metrics.image_bytes.observe(len(data))
-                image = decode_image(data, i, limits.max_image_pixels)
-                pixels.append(self.bundle.preprocess(image))
+                image = decode_image(data, i, limits.max_image_pixels, self.bundle.preprocess_config)
+                pixels[i] = self.bundle.preprocess(image)
             index = self._refresh_index()
             rows = None
             if candidates is not None:
                 rows = index.resolve([clean_name(c, limits.max_name_length) for c in candidates])
-            return np.stack(pixels).astype(np.float32, copy=False), index, rows
+            return pixels, index, rows
 
-        pixels, index, rows = await self._run(prepare)
-        embeddings = await self._encode(pixels)
+        reservation = self._reserve(count)  # announced before decoding: the batch waits for these
+        try:
+            pixels, index, rows = await self._run(prepare)
+            embeddings = await self._encode(pixels, reservation)
+        finally:
+            reservation.release()
 
         def score() -> list[list[dict[str, object]]]:
             return index.classify(
@@ -355,43 +370,22 @@ class FlatPrompt:
             "bundle": self.bundle_hash[:16],
         }
 
-    async def _encode(self, pixels: np.ndarray) -> np.ndarray:
-        """Image embeddings through the batchable ``encode_images`` API (adaptive batching)."""
-        # self.to_async is BentoML's in-process client of this very service (set in the served worker).
-        # Its _call takes extra headers: the internal token proves the call came from here (see limits.py).
-        proxy = self.to_async  # type: ignore[attr-defined]
-        items = [base64.b64encode(p.tobytes()).decode("ascii") for p in pixels]
-        for attempt in range(1, ENCODE_ATTEMPTS + 1):
-            try:
-                out = await proxy._call(
-                    proxy.endpoints["encode_images"],
-                    (items,),
-                    {},
-                    headers={INTERNAL_HEADER: internal_token()},
-                )
-                break
-            except bentoml.exceptions.BentoMLException as exc:
-                status = int(getattr(exc, "error_code", 500))
-                if status == 503:
-                    raise ServeError(
-                        503,
-                        "overloaded",
-                        "the image encoder is overloaded; retry later",
-                        headers={"retry-after": "1"},
-                    ) from None
-                _logger.error("internal encode_images call failed: %s", exc)
-                raise ServeError(500, "internal_error", "image encoding failed; see the server log") from None
-            except (OSError, aiohttp.ClientError) as exc:
-                # BentoML 1.4.40's in-process client recycles its aiohttp session every 100 requests and
-                # closes it under requests still in flight ("Server disconnected"); the call is a pure
-                # function of its input, so it is safe to send again.
-                if attempt == ENCODE_ATTEMPTS:
-                    _logger.error("internal encode_images call failed %d times: %r", attempt, exc)
-                    raise ServeError(
-                        500, "internal_error", "image encoding failed; see the server log"
-                    ) from None
-                _logger.info("internal encode_images call dropped (%r); retrying", exc)
-        return np.stack([np.frombuffer(base64.b64decode(s), dtype=np.float32) for s in out])
+    def _reserve(self, count: int) -> Reservation:
+        try:
+            return self.image_batcher.reserve(count)
+        except Overloaded as exc:
+            raise _overloaded(str(exc)) from None
+        except BatcherClosed:
+            raise ServeError(503, "shutting_down", "the worker is shutting down; retry") from None
+
+    async def _encode(self, pixels: np.ndarray, reservation: Reservation) -> np.ndarray:
+        """Image embeddings ``[N, E]`` from the image batcher (shared ORT calls, no serialisation)."""
+        try:
+            return await self.image_batcher.run(pixels, reservation)
+        except Overloaded as exc:
+            raise _overloaded(str(exc)) from None
+        except BatcherClosed:
+            raise ServeError(503, "shutting_down", "the worker is shutting down; retry") from None
 
     # -- registry ------------------------------------------------------------------------------
     def _refresh_index(self) -> ClassIndex:
@@ -452,10 +446,8 @@ class FlatPrompt:
             total = None
             variants: list[str | None] = list(templates) if templates else [None]
             for template in variants:
-                t0 = time.perf_counter()
-                emb = np.asarray(self.bundle.embed_texts(chunk, template), dtype=np.float32)
-                self.metrics.model_latency.labels(tower="text").observe(time.perf_counter() - t0)
-                self.metrics.batch_size.labels(tower="text").observe(len(chunk))
+                ids = self.bundle.tokenize([self.bundle.prompt_text(n, template) for n in chunk])
+                emb = self.text_batcher.run_sync(ids)
                 total = emb if total is None else total + emb
             assert total is not None
             total /= np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
@@ -596,7 +588,7 @@ class FlatPrompt:
         """Run both towers once (batch 1 and 2 images, a few prompts) so the first request is not slow."""
         size = int(self.bundle.image_size)
         for n in (1, 2):
-            out = self.bundle.embed_images(np.zeros((n, 3, size, size), np.float32))
+            out = self.image_batcher.run_sync(np.zeros((n, 3, size, size), np.float32))
             if out.shape != (n, int(self.bundle.embed_dim)) or not np.all(np.isfinite(out)):
                 raise RuntimeError(
                     f"image encoder warm-up returned {out.shape}, expected ({n}, {self.bundle.embed_dim})"
@@ -604,6 +596,12 @@ class FlatPrompt:
         text = self._embed(EXAMPLE_NAMES, ())
         if text.shape != (len(EXAMPLE_NAMES), int(self.bundle.embed_dim)) or not np.all(np.isfinite(text)):
             raise RuntimeError(f"text encoder warm-up returned {text.shape}")
+
+
+def _overloaded(reason: str) -> ServeError:
+    return ServeError(
+        503, "overloaded", f"{reason}; retry later", headers={"retry-after": "1"}, limit="queue_items"
+    )
 
 
 def _read_upload(path: Path) -> bytes:

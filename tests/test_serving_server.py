@@ -334,7 +334,7 @@ def test_bad_names(http: httpx.Client) -> None:
 def test_unknown_routes_and_methods(http: httpx.Client) -> None:
     _error(http.get("/nope"), 404)
     _error(http.get("/classify"), 405)
-    _error(http.post("/encode_images", json={"pixels": []}), 404)  # internal route
+    _error(http.post("/encode_images", json={"pixels": []}), 404)  # no internal route any more
 
 
 def test_metrics_pass_promtool(http: httpx.Client) -> None:
@@ -348,8 +348,9 @@ def test_metrics_pass_promtool(http: httpx.Client) -> None:
         "flatprompt_image_bytes_bucket",
         "flatprompt_registered_classes",
         "flatprompt_model_info",
+        "flatprompt_queue_wait_seconds_bucket",
+        "flatprompt_queue_depth",
         "bentoml_service_request_total",
-        "bentoml_service_adaptive_batch_size_bucket",
     ):
         assert name in text, name
     assert 'outcome="too_large"' in text and 'limit="image_pixels"' in text

@@ -19,7 +19,7 @@ from PIL import Image
 from serving.config import ConfigError, Limits, ServeConfig, ServiceSettings
 from serving.errors import ServeError, is_error_body, message_from_foreign_body
 from serving.images import configure_pil, decode_base64, decode_image
-from serving.limits import GuardMiddleware, internal_token
+from serving.limits import GuardMiddleware
 from serving.names import clean_name, clean_template, name_key
 from serving.registry import (
     CREATED,
@@ -397,7 +397,9 @@ def _call(
     body: bytes = b"",
     headers: dict[str, str] | None = None,
     chunks: int = 1,
+    disconnect_after_s: float | None = None,
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Drive the guard like uvicorn: after the body, ``receive`` blocks until the client disconnects."""
     hdrs = {"content-type": "application/json", **(headers or {})}
     scope = {
         "type": "http",
@@ -413,12 +415,19 @@ def _call(
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+        if messages:
+            return messages.pop(0)
+        if disconnect_after_s is None:
+            await asyncio.Event().wait()  # a client that stays connected
+        await asyncio.sleep(disconnect_after_s or 0.0)
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
     asyncio.run(guard(scope, receive, send))
+    if not sent:
+        return 0, {}, {}
     start = sent[0]
     payload = b"".join(m.get("body", b"") for m in sent[1:])
     response_headers = {k.decode(): v.decode() for k, v in start["headers"]}
@@ -449,15 +458,33 @@ def test_guard_auth() -> None:
     assert status == 403 and body["error"] == "mutations_disabled" and "FLATPROMPT_TOKEN" in body["message"]
 
 
-def test_guard_media_types_and_internal_route() -> None:
+def test_guard_media_types() -> None:
     guard = _guard(_echo_app)
     status, body, _ = _call(guard, "/classify", b"{}")
     assert status == 415 and "classify_base64" in body["message"]
     assert _call(guard, "/classes", b"{}", {"content-type": "text/plain"})[0] == 415
     assert _call(guard, "/classify", b"", {"content-type": "multipart/form-data; boundary=x"})[0] == 200
-    assert _call(guard, "/encode_images", b"[]")[0] == 404
-    assert _call(guard, "/encode_images", b"[]", {"x-flatprompt-internal": "guess"})[0] == 404
-    assert _call(guard, "/encode_images", b"[]", {"x-flatprompt-internal": internal_token()})[0] == 200
+
+
+def test_guard_cancels_the_app_when_the_client_disconnects() -> None:
+    events: list[str] = []
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+        events.append("finished")
+
+    guard = _guard(slow_app, FLATPROMPT_REQUEST_TIMEOUT_S="10")
+    started = time.perf_counter()
+    status, _, _ = _call(guard, "/classes", b"{}", disconnect_after_s=0.05)
+    assert status == 0 and events == ["cancelled"]  # nothing sent to a gone client, app stopped
+    assert time.perf_counter() - started < 2
+    # a client that stays connected gets its answer (the watcher does not cancel finished work)
+    assert _call(_guard(_echo_app), "/classes", b"{}", disconnect_after_s=None)[0] == 200
 
 
 def test_guard_rewrites_foreign_errors_and_times_out() -> None:

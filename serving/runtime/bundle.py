@@ -11,6 +11,7 @@ Only stdlib, numpy, Pillow, onnxruntime, tokenizers and ftfy are imported here (
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from serving.runtime.preprocess import PreprocessConfig, preprocess, preprocess_batch
+from serving.runtime.preprocess import PreprocessConfig, prepare_image, preprocess, preprocess_batch
 from serving.runtime.tokenizer import ClipTokenizer
 
 _logger = logging.getLogger(__name__)
@@ -402,6 +403,15 @@ class Bundle:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """A PIL image -> float32 ``[3, S, S]`` (open_clip's eval transform; see ``preprocess.py``)."""
         return preprocess(image, self.preprocess_config)
+
+    def decode(self, data: bytes, *, reduced: bool = True) -> np.ndarray:
+        """Encoded image bytes -> float32 ``[3, S, S]``, decoded as the service decodes uploads.
+
+        ``reduced`` lets a large JPEG decode at reduced scale (:func:`prepare_image`); False decodes at full
+        resolution. No safety checks: the service's ``serving.images.decode_image`` adds those.
+        """
+        image = prepare_image(Image.open(io.BytesIO(data)), self.preprocess_config if reduced else None)
+        return self.preprocess(image)
 
     def preprocess_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> float32 ``[N, 3, S, S]``."""
