@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
+from tests.conftest import TINY_NAME
 from tests.synthetic import ColourPatches
 from trainer import runner
+from trainer.config import load_config
 from trainer.data.base import TaskData
 from trainer.metrics import LIFT_THRESHOLDS, harmonic_mean
 from trainer.prompts import PromptedCLIP
@@ -62,3 +64,74 @@ def test_novel_and_hm_are_sample_top1_like_dassl(tiny_clip, tiny_tokenizer):
     assert h["novel_mean_per_class"] == novel["mean_per_class"]
     assert h["hm_mean_per_class"] == result["hm_mean_per_class"]
     assert "top-1" in result["hm_rule"]
+
+
+# --------------------------------------------------------------------------------------------- accumulation
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 0, 0, 1, 2, 2])
+
+
+@pytest.mark.parametrize(
+    ("loss", "split"),
+    [("drw", 3), ("drw", 5), ("none", 5), ("logit_adjust", 4)],
+)
+def test_accumulated_micro_batches_equal_one_batch(tiny_clip, tiny_tokenizer, loss, split):
+    """DRW's weighted mean is normalised by the whole step's sum of weights (and every loss by the whole
+    step's count), so k micro-batches of any sizes equal one batch."""
+    from trainer.engine import train_step
+    from trainer.optim import build_optimizer
+    from trainer.reweight import build_loss
+
+    images, labels = _batch()
+    states, losses = [], []
+    for micro in ([(images, labels)], [(images[:split], labels[:split]), (images[split:], labels[split:])]):
+        m = _prompted(tiny_clip, tiny_tokenizer, ["red", "green", "blue"])
+        opt = build_optimizer([p for p in m.parameters() if p.requires_grad], "sgd", lr=1.0, weight_decay=0.0)
+        loss_fn = build_loss(loss, [100, 10, 2], beta=0.999, start_epoch=0)
+        losses.append(train_step(m, micro, loss_fn, opt).loss)
+        states.append(m.trainable_state_dict())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for key in states[0]:
+        diff = (states[0][key] - states[1][key]).abs().max().item()
+        assert diff < 1e-5, (key, diff)
+
+
+def test_schedule_counts_the_last_short_accumulation_group(tmp_path, tiny_clip, monkeypatch):
+    """21 images, batch 4 -> 5 batches; accumulation 2 -> 3 optimizer steps per epoch (ceil), none at lr 0."""
+    from tests.synthetic import synthetic_task
+    from trainer import engine
+
+    assert runner.optimizer_steps_per_epoch(5, 2) == 3 and runner.optimizer_steps_per_epoch(4, 2) == 2
+    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    seen: list[float] = []
+    real_step = engine.train_step
+
+    def recording_step(model, micro_batches, loss_fn, optimizer, **kw):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return real_step(model, micro_batches, loss_fn, optimizer, **kw)
+
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    cfg = _cfg(tmp_path, "optim.accumulation=2", "optim.name=gnm", "train.warmup_epochs=0", "train.epochs=2")
+    runner.fit(cfg, progress=False)
+    assert len(seen) == 6
+    assert min(seen) > 0.0, seen  # floor(5 / 2) = 2 steps per epoch would run the last one at lr 0
+
+
+def _cfg(tmp_path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"model.name={TINY_NAME}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "data.batch_size=4",
+            "prompt.vpt_length=2",
+            "prompt.ctx_init=null",
+            "optim.lr=0.05",
+            "train.device=cpu",
+            "train.epochs=1",
+            *extra,
+        ],
+    )

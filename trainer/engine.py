@@ -35,6 +35,7 @@ from tqdm import tqdm
 from trainer.distributed import all_reduce_mean_
 from trainer.optim import SharpnessOptimizer
 from trainer.prompts import PromptedCLIP
+from trainer.reweight import StepLoss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 AutocastFactory = Callable[[], contextlib.AbstractContextManager[None]]
@@ -92,16 +93,22 @@ def train_step(
     params = [p for g in base.param_groups for p in g["params"] if p.requires_grad]
     is_ddp = isinstance(model, DDP)
     k = len(micro_batches)
+    # k > 1: every micro-batch's summed loss is divided by the whole step's normaliser (the count, or for DRW
+    # the sum of the weights of all its labels), so k micro-batches give the gradient of one batch
+    step_norm = _step_normaliser(loss_fn, [labels for _, labels in micro_batches]) if k > 1 else None
 
     def forward_backward(images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[float, int]:
         ctx = cast(DDP, model).no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
         with ctx:
             with autocast():
                 logits = model(images)
-            loss = loss_fn(logits.float(), labels) / k
+            if step_norm is None:
+                loss = loss_fn(logits.float(), labels)
+            else:
+                loss = _summed_loss(loss_fn, logits.float(), labels) / step_norm
             (scaler.scale(loss) if scaler is not None else loss).backward()
         correct = int((logits.detach().argmax(-1) == labels).sum())
-        return float(loss.detach()) * k, correct
+        return float(loss.detach()), correct
 
     optimizer.zero_grad(set_to_none=True)
     if sharp is not None and sharp.perturb_before_forward:
@@ -144,7 +151,20 @@ def train_step(
         skipped = scaler.get_scale() < scale_before
     else:
         base.step()
-    return StepOutput(float(np.mean(losses)), correct, count, skipped)
+    # k > 1: the micro-batch terms add up to the whole step's loss
+    return StepOutput(float(np.sum(losses)) if k > 1 else losses[0], correct, count, skipped)
+
+
+def _summed_loss(loss_fn: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if isinstance(loss_fn, StepLoss):
+        return loss_fn.summed(logits, labels)
+    return loss_fn(logits, labels) * labels.numel()  # any other mean loss: count-normalised
+
+
+def _step_normaliser(loss_fn: nn.Module, labels: list[torch.Tensor]) -> torch.Tensor:
+    if isinstance(loss_fn, StepLoss):
+        return torch.stack([loss_fn.normaliser(y) for y in labels]).sum()
+    return torch.tensor(float(sum(y.numel() for y in labels)))
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

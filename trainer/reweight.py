@@ -9,7 +9,9 @@
   Loss form CE(z + tau log pi, y); post-hoc form argmax_j (z_j - tau log pi_j), with pi_j = n_j / sum_k n_k.
 
 Every module maps ``(logits [B, C], targets [B]) -> scalar loss`` and has ``set_epoch(epoch)``; weights and priors
-are buffers, so they follow ``.to(device)``.
+are buffers, so they follow ``.to(device)``. For gradient accumulation each also splits its mean into
+``summed(logits, targets)`` and ``normaliser(targets)`` (sum_i w_{y_i} for DRW, the count otherwise), so
+that k micro-batches are normalised by the whole step's sum and equal one batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "CrossEntropy",
     "DRWLoss",
     "LogitAdjustedLoss",
+    "StepLoss",
     "build_loss",
     "effective_number_weights",
     "log_prior",
@@ -81,17 +84,29 @@ def _check_logits(logits: Tensor, num_classes: int) -> None:
         raise ValueError(f"logits must be [batch, {num_classes}], got {list(logits.shape)}")
 
 
-class CrossEntropy(nn.Module):
-    """Plain mean cross-entropy; ``set_epoch`` is a no-op (the common interface of the losses here)."""
+class StepLoss(nn.Module):
+    """The common interface: ``forward`` is the batch mean, ``summed / normaliser`` its two halves."""
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits, targets)
+    def summed(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The numerator of the mean (sum of the per-sample, possibly weighted, losses)."""
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def normaliser(self, targets: Tensor) -> Tensor:
+        """The denominator of the mean over ``targets``: the number of samples (fp32 scalar)."""
+        return torch.tensor(float(targets.numel()), device=targets.device)
 
     def set_epoch(self, epoch: int) -> None:
         _check_epoch("epoch", epoch)
 
 
-class DRWLoss(nn.Module):
+class CrossEntropy(StepLoss):
+    """Plain mean cross-entropy; ``set_epoch`` is a no-op (the common interface of the losses here)."""
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits, targets)
+
+
+class DRWLoss(StepLoss):
     """Deferred re-weighting: plain CE before ``start_epoch``, effective-number weighted CE from it on.
 
     The weighted loss is torch's weighted mean, sum_i w_{y_i} l_i / sum_i w_{y_i} (not divided by the batch
@@ -126,11 +141,23 @@ class DRWLoss(nn.Module):
             return F.cross_entropy(logits, targets)  # exactly plain CE, not CE with unit weights
         return F.cross_entropy(logits, targets, weight=self.weight.to(logits.dtype))
 
+    def summed(self, logits: Tensor, targets: Tensor) -> Tensor:
+        _check_logits(logits, self.weight.numel())
+        if not self.active:
+            return F.cross_entropy(logits, targets, reduction="sum")
+        return F.cross_entropy(logits, targets, weight=self.weight.to(logits.dtype), reduction="sum")
+
+    def normaliser(self, targets: Tensor) -> Tensor:
+        """sum_i w_{y_i} once the weights are on (torch's weighted-mean denominator), else the count."""
+        if not self.active:
+            return super().normaliser(targets)
+        return self.weight[targets].sum()
+
     def extra_repr(self) -> str:
         return f"classes={self.weight.numel()}, beta={self.beta}, start_epoch={self.start_epoch}"
 
 
-class LogitAdjustedLoss(nn.Module):
+class LogitAdjustedLoss(StepLoss):
     """Logit-adjusted cross-entropy (loss form): CE(z + tau * log pi, y).
 
     Args:
@@ -154,8 +181,10 @@ class LogitAdjustedLoss(nn.Module):
         # [B, C] + [C]: tau*log pi is most negative for the tail, so a tail class must win by a larger raw margin
         return F.cross_entropy(logits + self.tau * self.log_prior.to(logits.dtype), targets)
 
-    def set_epoch(self, epoch: int) -> None:
-        _check_epoch("epoch", epoch)
+    def summed(self, logits: Tensor, targets: Tensor) -> Tensor:
+        _check_logits(logits, self.log_prior.numel())
+        adjusted = logits + self.tau * self.log_prior.to(logits.dtype) if self.tau else logits
+        return F.cross_entropy(adjusted, targets, reduction="sum")
 
     def extra_repr(self) -> str:
         return f"classes={self.log_prior.numel()}, tau={self.tau}"

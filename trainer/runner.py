@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -104,6 +105,12 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[PromptedCLIP, Loa
         template=p.template,
     ).to(device)
     return model, loaded
+
+
+def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch of ``batches`` loader batches: ceil(batches / k), since the engine steps
+    on the last, shorter group of micro-batches too (a floor would leave the schedule's last steps at lr 0)."""
+    return max(1, math.ceil(batches / accumulation))
 
 
 def _eval_loader(ds: LabelledImages, spec: PreprocessSpec, batch_size: int, workers: int) -> DataLoader:
@@ -349,7 +356,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         seed=cfg.train.seed * 1000 + info.rank,  # GNM: noise seeded per rank
     )
     base_opt = getattr(optimizer, "base_optimizer", optimizer)
-    steps_per_epoch = max(1, len(loader) // o.accumulation)
+    steps_per_epoch = optimizer_steps_per_epoch(len(loader), o.accumulation)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         base_opt, warmup_cosine(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
