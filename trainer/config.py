@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import UserError
 
@@ -55,7 +55,18 @@ class DataConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(0, ge=0)
-    augment: bool = True  # random resized crop + horizontal flip on training images
+    # training augmentation (trainer/transforms.py): clip_rrc = open_clip's RandomResizedCrop(scale 0.9..1),
+    # no flip (the default, the toy numbers); coop = Dassl's RandomResizedCrop(0.08..1) + flip (CoOp, GCSCoOp);
+    # gnm_cifar = GNM-PT's RandomCrop(32, pad 4) + flip + AutoAugment(CIFAR10) + Cutout(16), then resize;
+    # none = the evaluation transform. true / false are read as clip_rrc / none.
+    augment: Literal["none", "clip_rrc", "coop", "gnm_cifar"] = "clip_rrc"
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # the field used to be a flag
+            return "clip_rrc" if value else "none"
+        return value
 
 
 class OptimConfig(_Strict):
@@ -219,6 +230,8 @@ def resume_conflicts(saved: Mapping[str, Any], current: RunConfig) -> list[str]:
     """
     new = _flatten(current.model_dump())
     old = {**_flatten(RunConfig().model_dump()), **_flatten(saved)}
+    if isinstance(old.get("data.augment"), bool):  # written when the field was a flag
+        old["data.augment"] = "clip_rrc" if old["data.augment"] else "none"
     return [
         f"{key}: {old.get(key)!r} -> {new[key]!r}"
         for key in sorted(new)

@@ -35,6 +35,7 @@ from trainer.models import LoadedClip, ModelIdentity, PreprocessSpec, load_clip,
 from trainer.optim import GNM, build_optimizer
 from trainer.prompts import PromptedCLIP
 from trainer.reweight import build_loss
+from trainer.transforms import eval_transform, train_transform
 
 _logger = logging.getLogger(__name__)
 
@@ -71,18 +72,13 @@ def build_task(data: DataConfig) -> TaskData:
     )
 
 
-def build_transform(spec: PreprocessSpec, train: bool) -> Any:
-    """open_clip's own eval transform (and its light train augmentation) for the model's preprocess cfg."""
-    import open_clip
-
-    return open_clip.image_transform(
-        spec.image_size,
-        is_train=train,
-        mean=spec.mean,
-        std=spec.std,
-        resize_mode=spec.resize_mode,
-        interpolation=spec.interpolation,
-    )
+def build_transform(spec: PreprocessSpec, train: bool | str) -> Any:
+    """The evaluation transform (``train`` False / ``"none"``), or the training augmentation named by
+    ``train`` (``"clip_rrc"``, ``"coop"``, ``"gnm_cifar"``; True means ``"clip_rrc"``; see
+    :mod:`trainer.transforms`)."""
+    if train is False or train == "none":
+        return eval_transform(spec)
+    return train_transform(spec, "clip_rrc" if train is True else str(train))
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> tuple[PromptedCLIP, LoadedClip]:
