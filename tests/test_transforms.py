@@ -57,7 +57,7 @@ def test_default_is_open_clips_rrc_without_flip_and_the_toy_recipes_name_it():
 def test_bools_of_older_configs_still_load():
     assert load_config(None, ["data.augment=true"]).data.augment == "clip_rrc"
     assert load_config(None, ["data.augment=false"]).data.augment == "none"
-    with pytest.raises(UserError, match="data.augment"):
+    with pytest.raises(UserError, match=r"data\.augment"):
         load_config(None, ["data.augment=autoaugment"])
 
 
