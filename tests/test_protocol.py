@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,41 @@ def _cfg(tmp_path, *extra: str):
             *extra,
         ],
     )
+
+
+# --------------------------------------------------------------------------------------------- post-hoc tau
+
+
+def test_posthoc_tau_reports_adjusted_groups_beside_the_plain_ones(tiny_clip, tiny_tokenizer):
+    from trainer.reweight import posthoc_adjust
+
+    task = TaskData(
+        train=ColourPatches([150, 40, 5], seed=1),  # many / medium / few under LIFT's rule
+        test=ColourPatches([6, 6, 6], seed=2),
+    )
+    result = _evaluate(tiny_clip, tiny_tokenizer, task, posthoc_tau=1.0)
+    plain, adjusted = result["base"], result["base"]["posthoc"]
+    assert adjusted["tau"] == 1.0
+    # recompute from the logits: argmax of z - tau log pi, pi from the training counts
+    model = _prompted(tiny_clip, tiny_tokenizer, task.class_names)
+    from trainer.engine import predict
+
+    loader = runner._eval_loader(task.test, tiny_clip.preprocess, 8, 0)
+    probs, targets = predict(model, loader, task.class_names, torch.device("cpu"), progress=False)
+    logits = torch.from_numpy(np.log(probs))
+    preds = posthoc_adjust(logits, task.train_counts, 1.0).argmax(1).numpy()
+    assert adjusted["top1"] == pytest.approx(float((preds == targets).mean()))
+    per_class = [float((preds[targets == c] == c).mean()) for c in range(3)]
+    assert [adjusted["many"], adjusted["medium"], adjusted["few"]] == pytest.approx(per_class)
+    assert plain["top1"] == pytest.approx(float((probs.argmax(1) == targets).mean()))
+    h = runner.headline(result)
+    assert h["posthoc_few"] == adjusted["few"] and h["few"] == plain["few"]
+    # off by default: nothing extra
+    assert "posthoc" not in _evaluate(tiny_clip, tiny_tokenizer, task)["base"]
+    assert load_config().eval.posthoc_tau is None
+
+
+def test_posthoc_tau_favours_the_tail():
+    probs = np.array([[0.5, 0.3, 0.2]] * 4)
+    out = runner.posthoc_summary(probs, np.array([0, 1, 2, 2]), [1000, 100, 10], 1.0, LIFT_THRESHOLDS)
+    assert out["top1"] == pytest.approx(0.5)  # every sample now goes to the tail class 2

@@ -31,6 +31,8 @@ def _fmt(v: float | None) -> str:
 def format_table(rows: dict[str, dict[str, float | None] | None]) -> str:
     """A small accuracy table (percent): one row per setting."""
     cols = ["base_top1", "many", "medium", "few", "novel", "hm"]
+    if any(h and "posthoc_top1" in h for h in rows.values()):  # eval.posthoc_tau: the adjusted numbers too
+        cols += ["posthoc_top1", "posthoc_many", "posthoc_medium", "posthoc_few"]
     head = f"{'':<12}" + "".join(f"{c:>10}" for c in cols)
     lines = [head]
     for name, h in rows.items():
@@ -91,6 +93,7 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
             batch_size=cfg.data.eval_batch_size,
             thresholds=ShotThresholds(cfg.eval.many_above, cfg.eval.few_below),
             progress=not ns.no_progress,
+            posthoc_tau=cfg.eval.posthoc_tau,
         )
     h = headline(result)
     print(format_table({name: h}))

@@ -111,6 +111,9 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     many_above: int = 100  # many-shot: train count > this (LIFT)
     few_below: int = 20  # few-shot: train count < this (LIFT)
+    # post-hoc logit adjustment (Menon et al.): also report base top-1 / many / medium / few of
+    # argmax_j (z_j - tau log pi_j) beside the plain ones; null = off
+    posthoc_tau: float | None = Field(None, ge=0)
 
 
 class RunConfig(_Strict):
@@ -205,6 +208,7 @@ RESUME_FREE_FIELDS = frozenset(
         "data.train_file",
         "data.test_file",
         "data.names_file",
+        "eval.posthoc_tau",
         "model.pretrained",
         "model.config_path",
     }

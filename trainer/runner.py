@@ -34,7 +34,7 @@ from trainer.metrics import ShotThresholds, harmonic_mean, thresholds_rule
 from trainer.models import LoadedClip, ModelIdentity, PreprocessSpec, load_clip, load_toy_clip
 from trainer.optim import GNM, build_optimizer
 from trainer.prompts import PromptedCLIP
-from trainer.reweight import build_loss
+from trainer.reweight import build_loss, log_prior
 from trainer.transforms import eval_transform, train_transform
 
 _logger = logging.getLogger(__name__)
@@ -134,12 +134,14 @@ def evaluate_task(
     precision: str = "fp32",
     predictions_dir: Path | None = None,
     zero_shot_per_class: list[float] | None = None,
+    posthoc_tau: float | None = None,
 ) -> dict[str, Any]:
     """Base-class report (top1, per-class, many / medium / few, ECE), novel-class report, harmonic mean.
 
     With ``predictions_dir``, also writes ``per_class.csv`` (with ``zero_shot_per_class`` beside the tuned
     accuracies when given) and ``predictions_{base,novel}.npz`` (softmax probabilities and targets) there,
-    for ``python -m trainer report``.
+    for ``python -m trainer report``. With ``posthoc_tau``, ``base["posthoc"]`` holds the same report for the
+    post-hoc logit-adjusted prediction argmax_j (z_j - tau log pi_j), pi from the training counts.
     """
     autocast = autocast_factory(device, precision)
     counts = task.train_counts
@@ -153,6 +155,8 @@ def evaluate_task(
         description="eval base",
     )
     base = evaluation_summary(probs.argmax(1), targets, counts, probs, thresholds)
+    if posthoc_tau is not None:
+        base["posthoc"] = posthoc_summary(probs, targets, counts, posthoc_tau, thresholds)
     result: dict[str, Any] = {"base": base, "shot_rule": thresholds_rule(thresholds)}
     if predictions_dir is not None:
         np.savez_compressed(predictions_dir / "predictions_base.npz", probs=probs, targets=targets)
@@ -193,6 +197,29 @@ def evaluate_task(
 HM_RULE = "base / novel / hm: sample top-1 (Dassl's evaluator, CoCoOp protocol); *_mean_per_class: per class"
 
 
+def posthoc_summary(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    counts: list[int],
+    tau: float,
+    thresholds: ShotThresholds,
+) -> dict[str, Any]:
+    """top1 / mean per class / many / medium / few of the post-hoc logit-adjusted prediction.
+
+    argmax_j (log p_j - tau log pi_j) = argmax_j (z_j - tau log pi_j), since log softmax shifts every logit of
+    a row by the same constant; probabilities that underflowed to 0 stay -inf (their logits are > 87 below
+    the row's maximum, far beyond any adjustment tau * log(n_max / n_min)).
+    """
+    with np.errstate(divide="ignore"):
+        log_p = np.log(np.asarray(probs, dtype=np.float64))
+    adjusted = log_p - tau * log_prior(counts).double().numpy()[None, :]
+    report = evaluation_summary(adjusted.argmax(1), targets, counts, None, thresholds)
+    return {
+        "tau": float(tau),
+        **{k: report[k] for k in ("top1", "mean_per_class", "many", "medium", "few", "per_class")},
+    }
+
+
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
     """The numbers people compare: overall, many / medium / few, novel and HM (sample top-1, as the
     base-to-novel papers report them), plus the per-class versions of novel and HM."""
@@ -205,6 +232,9 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
         "few": b["few"],
         "ece": b.get("ece"),
     }
+    if "posthoc" in b:
+        for key in ("top1", "many", "medium", "few"):
+            out[f"posthoc_{key}"] = b["posthoc"][key]
     if "novel" in result:
         out["novel"] = result["novel"]["top1"]
         out["hm"] = result["hm"]
@@ -374,6 +404,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         workers=cfg.data.num_workers,
         progress=progress,
         precision=precision,
+        posthoc_tau=cfg.eval.posthoc_tau,
     )
 
     start_epoch = 0
