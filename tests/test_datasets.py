@@ -480,3 +480,58 @@ def test_registry_errors_and_toy_slot(folder_tree: Path) -> None:
         assert task.novel_test.class_names == ["y", "z"]
     finally:
         del BUILDERS["toy"]
+
+
+# ---------------------------------------------------------------- class order (base-to-novel split)
+
+
+def test_class_order_file_decides_the_base_to_novel_split(folder_tree: Path) -> None:
+    sorted_split = build_task("imagefolder", folder_tree, base_to_novel=True)
+    assert sorted_split.class_names == ["golden retriever", "cat"]
+    order = folder_tree / "order.txt"
+    order.write_text("# the dataset's own label order\nzebra\ncat\n\nGolden_Retriever\n")
+    task = build_task("imagefolder", folder_tree, base_to_novel=True, class_order="order.txt")
+    assert task.class_names == ["zebra", "cat"]
+    assert task.train_counts == [3, 5]
+    assert task.novel_test is not None and task.novel_test.class_names == ["golden retriever"]
+    assert sorted(task.test.targets) == [0, 1]
+    # the images follow their class
+    plain = build_task("imagefolder", folder_tree, class_order=str(order))
+    assert plain.class_names == ["zebra", "cat", "golden retriever"] and plain.train_counts == [3, 5, 8]
+
+
+def test_class_order_by_loaded_labels_for_split_files(split_tree: Path) -> None:
+    (split_tree / "order.txt").write_text("2\n0\n1\n")
+    task = build_task(
+        "splitfile",
+        str(split_tree),
+        train_file="ImageNet_LT_train.txt",
+        test_file="ImageNet_LT_test.txt",
+        names_file="names.txt",
+        class_order="order.txt",
+    )
+    assert task.class_names == ["great white shark", "tench", "gold fish"]
+    assert task.train_counts == [1, 4, 2]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("zebra\ncat\n", "1 classes are not listed"),
+        ("zebra\ncat\nzebra\nGolden_Retriever\n", "listed twice"),
+        ("zebra\ncat\nlion\n", "'lion' is not one of"),
+        ("0\n1\n7\n", "label 7 is outside"),
+    ],
+)
+def test_class_order_errors_name_the_line(folder_tree: Path, text: str, needle: str) -> None:
+    (folder_tree / "order.txt").write_text(text)
+    with pytest.raises(UserError, match=needle):
+        build_task("imagefolder", folder_tree, class_order="order.txt")
+    with pytest.raises(UserError, match="does not exist"):
+        build_task("imagefolder", folder_tree, class_order="missing.txt")
+
+
+def test_class_order_reaches_the_run_config() -> None:
+    from trainer.config import load_config
+
+    assert load_config(None, ["data.class_order=order.txt"]).data.class_order == "order.txt"

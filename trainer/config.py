@@ -49,6 +49,9 @@ class DataConfig(_Strict):
     train_file: str | None = None  # split files (ImageNet-LT / Places-LT / iNat format)
     test_file: str | None = None
     names_file: str | None = None
+    # class-order file (one class name or loaded label per line; line i becomes label i): the label ids
+    # the base-to-novel split and the long-tail profile follow; null = the loader's order (sorted folders)
+    class_order: str | None = None
     seed: int = (
         0  # seed of the few-shot draw / the toy world (the long-tail profile uses seed 0, as the papers)
     )

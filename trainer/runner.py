@@ -69,6 +69,7 @@ def build_task(data: DataConfig) -> TaskData:
         train_file=data.train_file,
         test_file=data.test_file,
         names_file=data.names_file,
+        class_order=data.class_order,
     )
 
 

@@ -10,6 +10,10 @@ protocol options are then applied the same way for every kind, in this order:
    drawn over all classes before the class split, as Dassl does.
 3. ``base_to_novel``: the CoCoOp class split (:func:`~trainer.data.sampling.base_to_novel_split`).
 
+Before all three, ``class_order`` (a text file) may relabel the classes: line i names the class that gets
+label i, so "the first half of the labels" is the paper's first half (CoOp's label ids follow each
+dataset's own order, not the sorted folder names; docs/recipes.md lists where each order comes from).
+
 Finally every training class must have at least one image.
 
 Kinds:
@@ -34,7 +38,8 @@ from typing import Any
 from trainer.data.base import TaskData, class_counts
 from trainer.data.cifar import CIFAR100
 from trainer.data.folder import ImageFolderImages
-from trainer.data.sampling import apply_long_tail, base_to_novel_split, few_shot
+from trainer.data.names import clean_class_name
+from trainer.data.sampling import apply_long_tail, base_to_novel_split, few_shot, select_classes
 from trainer.data.splitfile import SplitFileImages, read_class_names
 from trainer.errors import UserError
 
@@ -59,6 +64,7 @@ class TaskOptions:
     keep_case: bool = False
     download: bool = False
     check_files: bool = True
+    class_order: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -122,6 +128,53 @@ def _build_imagefolder(root: Path, opts: TaskOptions) -> TaskData:
     return TaskData(train=train, test=test)
 
 
+def read_class_order(path: Path, class_names: list[str], keep_case: bool = False) -> list[int]:
+    """The label order a class-order file gives: ``result[i]`` is the loaded label that becomes label ``i``.
+
+    One class per line (blank lines and ``#`` comments skipped): its name as the dataset calls it (a folder
+    name or a names-file entry; compared after the usual cleaning) or its loaded integer label. Every class
+    must appear exactly once.
+
+    Raises:
+        UserError: a missing file, an unknown or repeated class, or a class left out (naming the line / class).
+    """
+    if not path.is_file():
+        raise UserError(f"class order file {path} does not exist; write one class per line in label order.")
+    lookup = {name: i for i, name in enumerate(class_names)}
+    order: list[int] = []
+    seen: dict[int, int] = {}
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if entry.isdigit():
+            label = int(entry)
+            if label >= len(class_names):
+                raise UserError(
+                    f"{path}:{n}: label {label} is outside 0..{len(class_names) - 1}; fix the class order file."
+                )
+        else:
+            name = clean_class_name(entry, keep_case)
+            if name not in lookup:
+                raise UserError(
+                    f"{path}:{n}: class {entry!r} is not one of the dataset's {len(class_names)} classes "
+                    f"(e.g. {class_names[:3]}); fix the name or the dataset."
+                )
+            label = lookup[name]
+        if label in seen:
+            raise UserError(
+                f"{path}:{n}: class {class_names[label]!r} is listed twice (also line {seen[label]}); list it once."
+            )
+        seen[label] = n
+        order.append(label)
+    missing = [class_names[i] for i in range(len(class_names)) if i not in seen]
+    if missing:
+        raise UserError(
+            f"{path}: {len(missing)} classes are not listed (e.g. {missing[:3]}); list every class once."
+        )
+    return order
+
+
 BUILDERS: dict[str, SourceBuilder] = {
     "cifar100": _build_cifar100,
     "cifar100_lt": _build_cifar100,  # build_task defaults imbalance to 100 for this kind
@@ -158,6 +211,7 @@ def build_task(
     keep_case: bool = False,
     download: bool = False,
     check_files: bool = True,
+    class_order: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> TaskData:
     """Load a dataset and apply the protocol options.
@@ -177,6 +231,7 @@ def build_task(
         keep_case: keep class names' letter case (otherwise lower-cased).
         download: ``"cifar100"``/``"cifar100_lt"``: fetch the archive when missing.
         check_files: ``"splitfile"``: check every listed image exists while loading.
+        class_order: a text file, one class per line in the new label order (see :func:`read_class_order`).
         extra: options for registered kinds (e.g. the toy world's); built-in kinds reject any.
 
     Raises:
@@ -201,11 +256,20 @@ def build_task(
         keep_case=keep_case,
         download=download,
         check_files=check_files,
+        class_order=class_order,
         extra=dict(extra or {}),
     )
     root_path = Path(root).expanduser()
     task = BUILDERS[kind](root_path, opts)
     train, test = task.train, task.test
+    if opts.class_order is not None:
+        order_file = _resolve(root_path, opts.class_order, "class_order", kind)
+        order = read_class_order(order_file, train.class_names, opts.keep_case)
+        if list(test.class_names) != list(train.class_names):
+            raise UserError(f"{order_file}: train and test splits name different classes; fix the dataset.")
+        described = f"{getattr(train, 'description', root_path)}, class order {order_file.name}"
+        train = select_classes(train, order, described)
+        test = select_classes(test, order, f"{getattr(test, 'description', root_path)}, class order")
     if opts.imbalance is None:
         if opts.n_max is not None:
             raise UserError(
