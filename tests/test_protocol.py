@@ -4,6 +4,7 @@ LR schedule's length with accumulation, and the precision of two-pass optimizers
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -174,3 +175,39 @@ def test_posthoc_tau_favours_the_tail():
     probs = np.array([[0.5, 0.3, 0.2]] * 4)
     out = runner.posthoc_summary(probs, np.array([0, 1, 2, 2]), [1000, 100, 10], 1.0, LIFT_THRESHOLDS)
     assert out["top1"] == pytest.approx(0.5)  # every sample now goes to the tail class 2
+
+
+# --------------------------------------------------------------------------------------------- model selection
+
+
+def test_validation_split_is_carved_from_training_data_per_class():
+    from trainer.data.sampling import carve_validation
+
+    ds = ColourPatches([12, 6, 3, 1], seed=1, names=["a", "b", "c", "d"])
+    train, val = carve_validation(ds, 0.25, seed=0)
+    assert set(train.indices).isdisjoint(val.indices)
+    assert sorted(train.indices + val.indices) == list(range(len(ds)))
+    assert [val.targets.count(c) for c in range(4)] == [3, 2, 1, 0]  # round(f n), >= 1, a lone image stays
+    again, _ = carve_validation(ds, 0.25, seed=0)
+    assert again.indices == train.indices
+
+
+def test_best_val_selects_on_validation_and_ships_the_selected_prompts(tmp_path, tiny_clip, monkeypatch):
+    from tests.synthetic import synthetic_task
+    from trainer.checkpoint import read_checkpoint
+
+    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    cfg = _cfg(tmp_path, "eval.select=best_val", "eval.val_fraction=0.25", "train.epochs=3", "optim.lr=0.5")
+    result = runner.fit(cfg, progress=False)
+    lines = [json.loads(x) for x in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [line["val_mean_per_class"] for line in lines]
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    sel = summary["selection"]
+    assert sel["rule"] == "best_val" and sel["epoch"] == 1 + scores.index(max(scores))
+    assert sel["val_images"] == 6  # 3 + 2 + 1 of the (12, 6, 3) training images
+    assert summary["class_counts"] == [9, 4, 2]  # what is left to train on
+    ckpt = read_checkpoint(result.out_dir / "checkpoint.pt")
+    for key, value in ckpt["best"]["prompt_state"].items():
+        assert torch.equal(ckpt["prompt_state"][key], value), key
+    assert ckpt["selected"]["epoch"] == sel["epoch"]
+    assert load_config().eval.select == "last"

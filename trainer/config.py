@@ -117,6 +117,11 @@ class EvalConfig(_Strict):
     # post-hoc logit adjustment (Menon et al.): also report base top-1 / many / medium / few of
     # argmax_j (z_j - tau log pi_j) beside the plain ones; null = off
     posthoc_tau: float | None = Field(None, ge=0)
+    # model selection: last = the last epoch's prompts (CoOp / GCSCoOp); best_val = the evaluated epoch with the
+    # best mean per-class accuracy on a validation split carved from the TRAINING data (val_fraction per
+    # class, never the test set; GNM-PT instead reported the best epoch on its test loader)
+    select: Literal["last", "best_val"] = "last"
+    val_fraction: float = Field(0.1, gt=0, lt=1)
 
 
 class RunConfig(_Strict):

@@ -27,6 +27,7 @@ from trainer import distributed as dist_utils
 from trainer.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, atomic_torch_save, read_checkpoint
 from trainer.config import DataConfig, RunConfig, resume_conflicts
 from trainer.data.base import LabelledImages, TaskData, Transformed
+from trainer.data.sampling import carve_validation
 from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_cosine
 from trainer.errors import UserError
 from trainer.evaluation import evaluation_summary, write_per_class_csv, write_summary_json
@@ -333,6 +334,10 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         cfg, device
     )  # first: a bad model name or checkpoint fails before any data work
     task = build_task(cfg.data)
+    val_ds: LabelledImages | None = None
+    if cfg.eval.select == "best_val":  # carved from the training data, before anything is counted
+        train_part, val_ds = carve_validation(task.train, cfg.eval.val_fraction, seed=cfg.data.seed)
+        task = TaskData(train=train_part, test=task.test, novel_test=task.novel_test)
     counts = task.train_counts
     if min(counts) == 0:
         empty = [task.class_names[i] for i, c in enumerate(counts) if c == 0][:5]
@@ -408,6 +413,23 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         posthoc_tau=cfg.eval.posthoc_tau,
     )
 
+    def val_score() -> float:
+        """Mean per-class accuracy on the validation split (model selection never sees the test set)."""
+        assert val_ds is not None
+        vprobs, vtargets = predict(
+            model,
+            _eval_loader(val_ds, spec, cfg.data.eval_batch_size, cfg.data.num_workers),
+            task.class_names,
+            device,
+            autocast=autocast,
+            progress=False,
+            description="eval val",
+        )
+        return float(
+            evaluation_summary(vprobs.argmax(1), vtargets, counts, None, thresholds)["mean_per_class"]
+        )
+
+    best: dict[str, Any] | None = None  # {"epoch", "val_mean_per_class", "prompt_state"} under best_val
     start_epoch = 0
     zero_shot: dict[str, float | None] | None = None
     zero_shot_per_class: list[float] | None = None  # base classes, for per_class.csv and the report
@@ -421,6 +443,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         start_epoch = int(ckpt["epoch"])
         zero_shot = ckpt.get("zero_shot")
         zero_shot_per_class = ckpt.get("zero_shot_per_class")
+        best = ckpt.get("best")
         _logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif info.is_main:
         zs_model = PromptedCLIP(model.clip, model.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
@@ -479,6 +502,12 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
                 model, predictions_dir=out if is_last else None, zero_shot_per_class=zero_shot_per_class
             )
             record["eval"] = headline(last_eval)
+            if val_ds is not None:
+                score = val_score()
+                record["val_mean_per_class"] = score
+                if best is None or score > best["val_mean_per_class"]:
+                    state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+                    best = {"epoch": epoch + 1, "val_mean_per_class": score, "prompt_state": state}
         if info.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -509,10 +538,27 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
                     "zero_shot": zero_shot,
                     "zero_shot_per_class": zero_shot_per_class,
                     "eval": last_eval,
+                    "best": best,
                 },
                 ckpt_path,
             )
         dist_utils.barrier()
+
+    selection: dict[str, Any] = {"rule": cfg.eval.select}
+    if cfg.eval.select == "best_val" and info.is_main and best is not None:
+        # the selected prompts are what the run's checkpoint (and an export of it) holds from now on
+        model.load_trainable_state_dict(best["prompt_state"])
+        selection.update(
+            epoch=best["epoch"], val_mean_per_class=best["val_mean_per_class"], val_images=len(val_ds or [])
+        )
+        last_eval = evaluate(model, predictions_dir=out, zero_shot_per_class=zero_shot_per_class)
+        ckpt = read_checkpoint(ckpt_path)
+        ckpt.pop("_path", None)
+        ckpt.update(prompt_state=model.trainable_state_dict(), eval=last_eval, selected=selection)
+        atomic_torch_save(ckpt, ckpt_path)
+        _logger.info(
+            "selected epoch %d (validation mean per class %.4f)", best["epoch"], best["val_mean_per_class"]
+        )
 
     if last_eval is None and info.is_main:  # resumed a finished run: evaluate what is there
         last_eval = evaluate(model, predictions_dir=out, zero_shot_per_class=zero_shot_per_class)
@@ -523,6 +569,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
             "zero_shot_per_class": zero_shot_per_class,
             "final": final,
             "eval": last_eval,
+            "selection": selection,
             "class_names": task.class_names,
             "class_counts": counts,
         }

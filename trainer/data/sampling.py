@@ -223,3 +223,37 @@ def base_to_novel_split(train: LabelledImages, test: LabelledImages) -> TaskData
         test=select_classes(test, base, f"{_describe(test)}, base classes"),
         novel_test=select_classes(test, novel, f"{_describe(test)}, novel classes"),
     )
+
+
+def carve_validation(
+    dataset: LabelledImages, fraction: float, seed: int = 0
+) -> tuple[LabelledSubset, LabelledSubset]:
+    """Split the *training* data into (train, validation), per class, for model selection without the test
+    set: class c with n >= 2 images gives min(n - 1, max(1, round(fraction * n))) to validation (so every
+    class keeps at least one training image and, when it can spare one, validates), drawn by
+    ``np.random.RandomState(seed)`` visiting the classes in label order; a class with one image stays in train.
+
+    Raises:
+        UserError: ``fraction`` outside (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"validation fraction {fraction} must lie strictly between 0 and 1 (e.g. 0.1).")
+    targets = np.asarray(dataset.targets, dtype=np.int64)
+    rng = np.random.RandomState(seed)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for c in range(dataset.num_classes):
+        idx = np.where(targets == c)[0]
+        n = len(idx)
+        n_val = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+        perm = rng.permutation(n)
+        val_idx.extend(int(i) for i in np.sort(idx[perm[:n_val]]))
+        train_idx.extend(int(i) for i in np.sort(idx[perm[n_val:]]))
+    what = _describe(dataset)
+    _logger.info(
+        "validation split: %d of %d training images (fraction %g)", len(val_idx), len(dataset), fraction
+    )
+    return (
+        LabelledSubset(dataset, train_idx, description=f"{what}, minus validation"),
+        LabelledSubset(dataset, val_idx, description=f"{what}, validation {fraction:g}"),
+    )
