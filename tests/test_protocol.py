@@ -211,3 +211,30 @@ def test_best_val_selects_on_validation_and_ships_the_selected_prompts(tmp_path,
         assert torch.equal(ckpt["prompt_state"][key], value), key
     assert ckpt["selected"]["epoch"] == sel["epoch"]
     assert load_config().eval.select == "last"
+
+
+# --------------------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "optim", "vpt", "expected"),
+    [
+        ("auto", "cuda", "sam", 10, "fp32"),
+        ("auto", "cuda", "asam", 10, "fp32"),
+        ("auto", "cuda", "gcsam", 4, "fp32"),
+        ("auto", "cuda", "gcsam", 0, "bf16"),  # CoOp context only (GCSCoOp): bf16 as before
+        ("auto", "cuda", "gnm", 10, "bf16"),  # one pass: no gradient difference
+        ("auto", "cuda", "sgd", 10, "bf16"),
+        ("auto", "cpu", "sam", 10, "fp32"),
+        ("bf16", "cuda", "sam", 10, "bf16"),  # forced: kept, with a warning
+        ("fp16", "cuda", "sam", 10, "fp16"),
+    ],
+)
+def test_two_pass_with_visual_prompts_defaults_to_fp32(precision, device, optim, vpt, expected):
+    assert runner.resolve_precision(precision, device, optim, vpt) == expected
+
+
+def test_forced_bf16_two_pass_warns(caplog):
+    with caplog.at_level("WARNING", logger="trainer.runner"):
+        runner.resolve_precision("bf16", "cuda", "sam", 10)
+    assert "bf16 rounding" in caplog.text
