@@ -59,11 +59,13 @@ with bentoml.importing():
         StoredClass,
     )
     from serving.runtime.bundle import Bundle
+    from serving.schemas import ClassifyResponse
     from serving.scoring import REGISTERED, TRAINED, ClassIndex
 
 _logger = logging.getLogger(__name__)
 _SETTINGS = service_settings()  # import time: the decorators below need these
 TEXT_CHUNK = 256  # prompts per text-encoder call
+INLINE_SCORE_CELLS = 64 * 1024  # classes x images scored on the event loop (about 0.1 ms); more: a thread
 
 EXAMPLE_NAMES = ["okapi", "snow leopard"]
 
@@ -114,6 +116,7 @@ class FlatPrompt:
             verify=True,
             intra_op_threads=self.config.service.ort_threads
             or max(1, (os.cpu_count() or 1) // self.config.service.workers),
+            allow_spinning=False,  # the decode threads share these cores
         )
         self.provider: str = self.bundle.provider
         self.precision: str = str(getattr(self.bundle, "precision", "fp32"))
@@ -212,7 +215,7 @@ class FlatPrompt:
         top_k: int = 5,
         candidates: list[str] | None = None,
         tau: float = 0.0,
-    ) -> dict[str, Any]:
+    ) -> ClassifyResponse:
         """Classify uploaded image files (multipart ``images``, repeatable) into the top-k classes.
 
         Args:
@@ -224,7 +227,7 @@ class FlatPrompt:
         try:
             return await self._classify(list(images), None, top_k, candidates, tau)
         except ServeError as error:
-            return cast(dict[str, Any], _error_response(error))
+            return cast(ClassifyResponse, _error_response(error))
 
     @bentoml.api
     async def classify_base64(
@@ -233,12 +236,12 @@ class FlatPrompt:
         top_k: int = 5,
         candidates: list[str] | None = None,
         tau: float = 0.0,
-    ) -> dict[str, Any]:
+    ) -> ClassifyResponse:
         """Like ``classify``, with images as base64 strings (or ``data:`` URLs) in a JSON body."""
         try:
             return await self._classify(None, images, top_k, candidates, tau)
         except ServeError as error:
-            return cast(dict[str, Any], _error_response(error))
+            return cast(ClassifyResponse, _error_response(error))
 
     @bentoml.api
     def register(self, names: list[str], templates: list[str] | None = None) -> dict[str, Any]:
@@ -283,11 +286,21 @@ class FlatPrompt:
             return cast(dict[str, Any], _error_response(error))
 
     # -- classification ------------------------------------------------------------------------
-    async def _run(self, fn: Any) -> Any:
-        """Run blocking work in a worker thread, at most ``threads`` at a time per worker."""
+    async def _run(self, fn: Any, stop: threading.Event | None = None) -> Any:
+        """Run blocking work in a worker thread, at most ``threads`` at a time per worker.
+
+        With ``stop``, a cancelled caller (client gone, deadline) returns at once and sets ``stop``, which
+        ``fn`` checks between images, so the thread ends after the image it is decoding.
+        """
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.config.service.threads)
-        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+        if stop is None:
+            return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+        try:
+            return await anyio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=True)
+        except BaseException:
+            stop.set()
+            raise
 
     async def _classify(
         self,
@@ -296,7 +309,7 @@ class FlatPrompt:
         top_k: int,
         candidates: list[str] | None,
         tau: float,
-    ) -> dict[str, Any]:
+    ) -> ClassifyResponse:
         if not self.provider_ok:
             raise ServeError(
                 503, "not_ready", f"model runs on {self.provider}, {self.config.require_provider} required"
@@ -333,6 +346,8 @@ class FlatPrompt:
             size = int(self.bundle.image_size)
             pixels = np.empty((count, 3, size, size), np.float32)
             for i in range(count):
+                if stop.is_set():
+                    raise ServeError(499, "cancelled", "the client went away")
                 if uploads is not None:
                     data = _read_upload(uploads[i])
                 else:
@@ -346,9 +361,10 @@ class FlatPrompt:
                 rows = index.resolve([clean_name(c, limits.max_name_length) for c in candidates])
             return pixels, index, rows
 
+        stop = threading.Event()
         reservation = self._reserve(count)  # announced before decoding: the batch waits for these
         try:
-            pixels, index, rows = await self._run(prepare)
+            pixels, index, rows = await self._run(prepare, stop)
             embeddings = await self._encode(pixels, reservation)
         finally:
             reservation.release()
@@ -363,12 +379,10 @@ class FlatPrompt:
                 rows=rows,
             )
 
-        results = await self._run(score)
-        return {
-            "results": [{"labels": labels} for labels in results],
-            "registry_version": index.version,
-            "bundle": self.bundle_hash[:16],
-        }
+        # scoring a small index is cheaper than a thread hop; a large one (many registered classes) is not
+        small = len(index) * count <= INLINE_SCORE_CELLS
+        results = score() if small else await self._run(score)
+        return ClassifyResponse.build(results, index.version, self.bundle_hash[:16])
 
     def _reserve(self, count: int) -> Reservation:
         try:

@@ -57,7 +57,7 @@ def _normalised_colour(rgb: tuple[int, int, int]) -> np.ndarray:
     return (np.asarray(rgb, np.float64) / 255.0 - np.asarray(MEAN)) / np.asarray(STD)
 
 
-def _image_graph(weights: np.ndarray, path: Path) -> None:
+def _image_graph(weights: np.ndarray, path: Path, image_size: int = IMAGE_SIZE) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -71,7 +71,7 @@ def _image_graph(weights: np.ndarray, path: Path) -> None:
     graph = helper.make_graph(
         nodes,
         "synthetic_image_encoder",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE])],
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
         [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", EMBED_DIM])],
         [
             numpy_helper.from_array(weights.astype(np.float32), "w_img"),
@@ -141,16 +141,17 @@ def _tokenizer_json(target: Path) -> dict[str, object]:
     return dict(tokenizer_manifest(CONTEXT_LENGTH))
 
 
-def make_bundle(out: Path, seed: int = 0, logit_scale: float = 100.0) -> Path:
+def make_bundle(out: Path, seed: int = 0, logit_scale: float = 100.0, image_size: int = IMAGE_SIZE) -> Path:
     """Write a complete, valid synthetic bundle into ``out`` (created) and return it.
 
-    Different ``seed`` values give different weights, hence a different bundle hash.
+    Different ``seed`` values give different weights, hence a different bundle hash; ``image_size`` is the
+    model input side (the graph's mean pooling works at any size).
     """
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     w_img = rng.standard_normal((3, EMBED_DIM))
     table = rng.standard_normal((TEXT_VOCAB, EMBED_DIM))
-    _image_graph(w_img, out / "image_encoder.onnx")
+    _image_graph(w_img, out / "image_encoder.onnx", image_size)
     _text_graph(table, out / "text_encoder.onnx")
     classes = np.stack([_normalised_colour(rgb) @ w_img for rgb in COLOURS.values()])
     classes /= np.linalg.norm(classes, axis=1, keepdims=True)
@@ -184,7 +185,7 @@ def make_bundle(out: Path, seed: int = 0, logit_scale: float = 100.0) -> Path:
         "prompt": {"template": "a photo of a {}.", "n_ctx": 0, "placeholder": "X"},
         "tokenizer": tokenizer,
         "preprocess": {
-            "image_size": IMAGE_SIZE,
+            "image_size": image_size,
             "resize_mode": "shortest",
             "interpolation": "bicubic",
             "crop": "center",
@@ -296,8 +297,9 @@ def start_server(
     port: int | None = None,
     ready_timeout: float = 120.0,
     wait_ready: bool = True,
+    target: str = "serving.service:FlatPrompt",
 ) -> Server:
-    """Start ``bentoml serve serving.service:FlatPrompt`` on 127.0.0.1 and wait for ``/readyz``.
+    """Start ``bentoml serve TARGET`` (default the service) on 127.0.0.1 and wait for ``/readyz``.
 
     ``env`` holds the ``FLATPROMPT_*`` settings; ``BENTOML_HOME`` defaults to ``workdir/bentoml``.
     """
@@ -323,7 +325,7 @@ def start_server(
                 "-m",
                 "bentoml",
                 "serve",
-                "serving.service:FlatPrompt",
+                target,
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -133,6 +133,7 @@ def session_options(
     inter_op_threads: int | None = None,
     graph_optimization: str = "all",
     execution_mode: str = "sequential",
+    allow_spinning: bool = True,
 ) -> Any:
     """``onnxruntime.SessionOptions`` with the knobs that matter for serving.
 
@@ -144,6 +145,8 @@ def session_options(
             on the CPU provider at ``all`` (onnxruntime 1.32 crashes at session creation); this runtime only
             loads fp16 files on CUDA.
         execution_mode: ``sequential`` | ``parallel``.
+        allow_spinning: let idle intra-op threads busy-wait for the next operator (ORT's default). A server
+            that decodes images on the same cores wants False: spinning threads take the cores from it.
     """
     import onnxruntime as ort
 
@@ -164,6 +167,9 @@ def session_options(
     opts.execution_mode = (
         ort.ExecutionMode.ORT_PARALLEL if execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
     )
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
     return opts
 
@@ -254,6 +260,7 @@ class Bundle:
         precision: str = "auto",
         intra_op_threads: int | None = None,
         graph_optimization: str = "all",
+        allow_spinning: bool = True,
     ) -> Bundle:
         """Check and load a bundle directory.
 
@@ -266,6 +273,7 @@ class Bundle:
                 fp32), ``fp32``, or ``fp16`` (refused unless CUDA is active).
             intra_op_threads: onnxruntime intra-op threads per session (None = its default).
             graph_optimization: see :func:`session_options` (fp32 graphs only; fp16 graphs on CUDA use it too).
+            allow_spinning: see :func:`session_options` (the service turns it off).
 
         Raises:
             BundleError: missing/corrupt/modified files, a newer ``format_version``, inconsistent shapes,
@@ -306,7 +314,9 @@ class Bundle:
 
         requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
         usable = resolve_providers(requested)
-        opts = session_options(intra_op_threads, graph_optimization=graph_optimization)
+        opts = session_options(
+            intra_op_threads, graph_optimization=graph_optimization, allow_spinning=allow_spinning
+        )
         text32 = _session(root / TEXT_ENCODER, usable, opts)
         active = str(text32.get_providers()[0])
         has_fp16 = IMAGE_ENCODER_FP16 in files and TEXT_ENCODER_FP16 in files

