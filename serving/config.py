@@ -63,7 +63,7 @@ class ServiceSettings:
     workers: int = 1  # BentoML worker processes
     threads: int = 4  # threads per worker running sync APIs concurrently
     max_batch_size: int = 32  # dynamic batching: max images per image-tower call
-    max_queue_delay_ms: float = 20.0  # dynamic batching: longest wait of a queued image for others
+    max_queue_delay_ms: float = 50.0  # dynamic batching: longest wait of a queued image for others
     max_queue_items: int = 256  # images queued or being decoded per worker (503 + Retry-After beyond)
     request_timeout_s: float = 30.0  # per-request deadline (504 beyond)
     max_in_flight: int = 64  # concurrent API requests per worker (429 beyond)
