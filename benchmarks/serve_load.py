@@ -302,6 +302,8 @@ def server_env(bundle: Path | None, args: argparse.Namespace, token: str, workdi
         "FLATPROMPT_PROVIDERS": args.providers,
         "OMP_NUM_THREADS": str(args.ort_threads),
     }
+    if args.require_provider:
+        env["FLATPROMPT_REQUIRE_PROVIDER"] = args.require_provider
     if args.max_queue_delay_ms is not None:
         env["FLATPROMPT_MAX_QUEUE_DELAY_MS"] = str(args.max_queue_delay_ms)
     if bundle is not None:
@@ -449,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", default="640x480", help="WxH of the generated JPEGs")
     p.add_argument("--names", type=int, default=0, help="names in the registration test (0 = skip)")
     p.add_argument("--providers", default="CUDAExecutionProvider,CPUExecutionProvider")
+    p.add_argument("--require-provider", help="e.g. CUDAExecutionProvider: the server is not ready without it")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--workdir", help="keep the servers' logs and registries here (default: a temp dir)")
     args = p.parse_args(argv)

@@ -13,7 +13,8 @@ Environment variables (all optional):
 ``FLATPROMPT_REGISTRY_URL``        ``sqlite:///path.db`` or ``postgresql://...``
 ``FLATPROMPT_TOKEN``               bearer token for mutations; unset = mutations refused
 ``FLATPROMPT_PROVIDERS``           comma list of ORT providers, in preference order
-``FLATPROMPT_REQUIRE_PROVIDER``    refuse readiness unless this provider is the active one
+``FLATPROMPT_REQUIRE_PROVIDER``    refuse readiness unless this provider is the active one; ``none``
+                                   (or empty) allows any (the Bento's container sets CUDA)
 ``FLATPROMPT_WORKERS`` ...         see :class:`ServiceSettings`
 ``FLATPROMPT_MAX_*``               see :class:`Limits`
 =================================  ==========================================================
@@ -105,10 +106,19 @@ class ServeConfig:
             registry_url=env.get(ENV_PREFIX + "REGISTRY_URL") or DEFAULT_REGISTRY_URL,
             token=token,
             providers=providers,
-            require_provider=env.get(ENV_PREFIX + "REQUIRE_PROVIDER") or None,
+            require_provider=_require_provider(env.get(ENV_PREFIX + "REQUIRE_PROVIDER")),
             limits=_from_env(Limits, env),
             service=_from_env(ServiceSettings, env),
         )
+
+
+NO_PROVIDER_REQUIRED = frozenset({"", "none", "any"})
+
+
+def _require_provider(raw: str | None) -> str | None:
+    """``FLATPROMPT_REQUIRE_PROVIDER``: a provider name, or None for ``none`` / ``any`` / empty (CPU allowed)."""
+    value = (raw or "").strip()
+    return None if value.lower() in NO_PROVIDER_REQUIRED else value
 
 
 _ZERO_ALLOWED = frozenset({"ort_threads", "max_queue_delay_ms"})

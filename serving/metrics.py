@@ -17,7 +17,8 @@ Exposed (next to BentoML's ``bentoml_service_*`` built-ins):
 * ``flatprompt_image_bytes`` (histogram of uploaded image sizes)
 * ``flatprompt_registered_classes`` (gauge, max over live workers)
 * ``flatprompt_registry_reloads_total``, ``flatprompt_registry_errors_total``
-* ``flatprompt_model_info{bundle_hash, model, provider, precision}`` (gauge, always 1)
+* ``flatprompt_model_info{bundle_hash, model, provider, precision, cuda, cudnn}`` (gauge, always 1;
+  ``cuda`` / ``cudnn``: the versions in use, empty off CUDA)
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def get_metrics(max_batch_size: int = 32) -> Metrics:
                 model_info=Gauge(
                     "flatprompt_model_info",
                     "The loaded model bundle; the value is always 1.",
-                    ["bundle_hash", "model", "provider", "precision"],
+                    ["bundle_hash", "model", "provider", "precision", "cuda", "cudnn"],
                     multiprocess_mode="livemax",
                 ),
             )

@@ -38,6 +38,7 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
+from serving import readiness
 from serving.config import ServeConfig, service_settings
 from serving.errors import ServeError
 from serving.limits import GuardMiddleware, harden_multipart_parsing
@@ -122,17 +123,19 @@ class FlatPrompt:
         self.precision: str = str(getattr(self.bundle, "precision", "fp32"))
         self.provider_ok = self.config.require_provider in (None, self.provider)
         if not self.provider_ok:
-            _logger.error(
-                "active execution provider is %s but FLATPROMPT_REQUIRE_PROVIDER=%s: the service stays unready",
-                self.provider,
-                self.config.require_provider,
+            reason = _provider_reason(
+                self.provider, str(self.config.require_provider), self.bundle.gpu.reason()
             )
+            _logger.error("%s: the service stays unready", reason)
+            readiness.set_reason("provider", reason)
         model_name = str(self.bundle.manifest.get("model", {}).get("name", "unknown"))
         self.metrics.model_info.labels(
             bundle_hash=self.bundle_hash[:16],
             model=model_name,
             provider=self.provider,
             precision=self.precision,
+            cuda=self.bundle.cuda.get("cuda", ""),
+            cudnn=self.bundle.cuda.get("cudnn", ""),
         ).set(1)
         self._trained_names = list(self.bundle.class_names)
         self._trained_keys = {name_key(n) for n in self._trained_names}
@@ -610,6 +613,16 @@ class FlatPrompt:
         text = self._embed(EXAMPLE_NAMES, ())
         if text.shape != (len(EXAMPLE_NAMES), int(self.bundle.embed_dim)) or not np.all(np.isfinite(text)):
             raise RuntimeError(f"text encoder warm-up returned {text.shape}")
+
+
+def _provider_reason(active: str, required: str, libraries: str) -> str:
+    """Why the required provider is not active, and the two ways out."""
+    why = libraries or "see the onnxruntime messages above in the log"
+    return (
+        f"the model runs on {active}, but FLATPROMPT_REQUIRE_PROVIDER={required} ({why}); fix the GPU "
+        "setup (driver, CUDA libraries, --gpus for the container), or set FLATPROMPT_REQUIRE_PROVIDER=none "
+        "to serve on the CPU"
+    )
 
 
 def _overloaded(reason: str) -> ServeError:

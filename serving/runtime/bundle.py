@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from serving.runtime.gpu import PreloadReport, cuda_versions, preload_gpu_libraries
 from serving.runtime.preprocess import PreprocessConfig, prepare_image, preprocess, preprocess_batch
 from serving.runtime.tokenizer import ClipTokenizer
 
@@ -205,7 +206,9 @@ class Bundle:
     - ``providers`` (as requested), ``provider`` (really active: ``session.get_providers()[0]`` of the image
       session), ``session_providers`` (both sessions), ``precision`` (``fp32``/``fp16``: the graph files
       in use);
-    - ``preprocess_config`` and ``tokenizer``.
+    - ``preprocess_config`` and ``tokenizer``;
+    - ``gpu`` (:class:`~serving.runtime.gpu.PreloadReport` of the CUDA library preload) and ``cuda``
+      (``{"cuda", "cudnn"}`` versions in use; empty strings off CUDA).
     """
 
     def __init__(
@@ -247,6 +250,9 @@ class Bundle:
         self.placeholder = str(prompt.get("placeholder", "X"))
         self.preprocess_config = PreprocessConfig.from_manifest(manifest["preprocess"])
         self.image_size = self.preprocess_config.image_size
+        # set by load(): what the CUDA library preload found, and the CUDA / cuDNN versions in use
+        self.gpu = PreloadReport("not_requested")
+        self.cuda: dict[str, str] = {"cuda": "", "cudnn": ""}
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -314,6 +320,9 @@ class Bundle:
 
         requested = list(providers) if providers else list(DEFAULT_PROVIDERS)
         usable = resolve_providers(requested)
+        # CUDA / cuDNN from the nvidia-* wheels must be in the process before the first session, or the
+        # CUDA provider fails to load and ORT falls back to the CPU (the serving image has no torch)
+        gpu = preload_gpu_libraries() if CUDA in usable else PreloadReport("not_requested")
         opts = session_options(
             intra_op_threads, graph_optimization=graph_optimization, allow_spinning=allow_spinning
         )
@@ -347,6 +356,8 @@ class Bundle:
             requested,
             "fp16" if use_fp16 else "fp32",
         )
+        bundle.gpu = gpu
+        bundle.cuda = cuda_versions(gpu.libraries) if bundle.provider == CUDA else {"cuda": "", "cudnn": ""}
         if providers and requested[0] != bundle.provider:
             _logger.warning(
                 "bundle %s: requested provider %s but %s is active", root, requested[0], bundle.provider
