@@ -451,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", default="640x480", help="WxH of the generated JPEGs")
     p.add_argument("--names", type=int, default=0, help="names in the registration test (0 = skip)")
     p.add_argument("--providers", default="CUDAExecutionProvider,CPUExecutionProvider")
-    p.add_argument("--require-provider", help="e.g. CUDAExecutionProvider: the server is not ready without it")
+    p.add_argument(
+        "--require-provider", help="e.g. CUDAExecutionProvider: the server is not ready without it"
+    )
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--workdir", help="keep the servers' logs and registries here (default: a temp dir)")
     args = p.parse_args(argv)

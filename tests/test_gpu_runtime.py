@@ -56,7 +56,9 @@ def test_preload_reports_loaded_and_missing_libraries(caplog: pytest.LogCaptureF
 
     partial = {k: v for k, v in FAKE_LIBS.items() if k not in ("libcudnn", "libcublasLt")}
     caplog.clear()
-    report = preload_gpu_libraries(preload=lambda **kw: None, available=lambda: [CUDA, CPU], maps=lambda: partial)
+    report = preload_gpu_libraries(
+        preload=lambda **kw: None, available=lambda: [CUDA, CPU], maps=lambda: partial
+    )
     assert report.status == "incomplete" and not report.ok
     assert report.missing == ("libcublasLt", "libcudnn")
     assert "libcublasLt, libcudnn" in report.reason() and "onnxruntime-gpu[cuda,cudnn]" in report.reason()
@@ -78,7 +80,9 @@ def test_versions_without_gpu_libraries_come_from_the_build() -> None:
         assert versions["cuda"] == "" and versions["cudnn"] == ""
 
 
-def test_bundle_load_preloads_before_the_first_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bundle_load_preloads_before_the_first_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With onnxruntime-gpu installed (simulated: CUDA listed as available), the preload precedes every
     InferenceSession; with CUDA not requested it never runs."""
     path = make_bundle(tmp_path / "b")
