@@ -52,6 +52,8 @@ class Limits:
     max_registered_classes: int = 10_000  # registered (novel) classes in the whole registry
     max_templates: int = 16  # prompt templates per registration
     max_template_length: int = 200  # characters of one prompt template
+    max_examples_per_class: int = 16  # example images stored per registered class
+    max_example_bytes: int = 4194304  # bytes of one example image (4 MiB)
     max_candidates: int = 20_000  # names in the optional candidate subset
     max_top_k: int = 100  # upper bound of top_k
     max_tau: float = 10.0  # upper bound of the logit-adjustment strength

@@ -44,8 +44,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PASSTHROUGH_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-PROTECTED_PATHS = frozenset({"/register", "/unregister"})
-MULTIPART_PATHS = frozenset({"/classify"})
+PROTECTED_PATHS = frozenset({"/register", "/register_images", "/unregister"})
+MULTIPART_PATHS = frozenset({"/classify", "/register_images"})
 JSON_PATHS = frozenset({"/classify_base64", "/register", "/unregister", "/classes"})
 WORKER_HEADER = "x-flatprompt-worker"  # BentoML worker index that answered (debugging, tests)
 
@@ -211,7 +211,11 @@ class GuardMiddleware:
                 415,
                 "unsupported_media_type",
                 f"{path} takes multipart/form-data (got {media or 'no content type'}); "
-                "send base64 JSON to /classify_base64",
+                + (
+                    "send base64 JSON to /classify_base64"
+                    if path == "/classify"
+                    else "or base64 examples to /register"
+                ),
                 "media_type",
                 {},
             )

@@ -30,7 +30,7 @@ from typing import Any
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGE_BYTES_BUCKETS = tuple(float(1024 * 4**i) for i in range(9))  # 1 KiB .. 64 MiB
 
-ENDPOINTS = frozenset({"classify", "classify_base64", "register", "unregister", "classes"})
+ENDPOINTS = frozenset({"classify", "classify_base64", "register", "register_images", "unregister", "classes"})
 OUTCOMES = {
     400: "bad_request",
     401: "unauthorized",

@@ -6,8 +6,14 @@ PostgreSQL (``postgresql://user@host:port/db``, through psycopg 3).
 Tables (created on first use, ``CREATE TABLE IF NOT EXISTS``)::
 
     flatprompt_classes(key PK, name, templates JSON, embedding BLOB/BYTEA float32 LE, embed_dim,
-                       bundle_hash, created_at, updated_at)
+                       bundle_hash, created_at, updated_at, text_weight NULL | REAL)
+    flatprompt_examples(key, sha256, data BLOB/BYTEA, bytes, created_at; PK (key, sha256))
     flatprompt_meta(id = 1, version)          -- bumped by every committed change
+
+A class registered with example images keeps them (``flatprompt_examples``, the encoded files as
+uploaded, deduplicated by sha256) and its blend weight (``text_weight``; NULL = text only), so a new
+bundle re-embeds it from the same inputs. Registries created before examples existed are migrated
+at open (the table is created, the column added).
 
 Consistency rules:
 
@@ -43,6 +49,7 @@ import numpy as np
 _logger = logging.getLogger(__name__)
 
 CLASSES_TABLE = "flatprompt_classes"
+EXAMPLES_TABLE = "flatprompt_examples"
 META_TABLE = "flatprompt_meta"
 
 
@@ -68,6 +75,27 @@ class StoredClass:
     embedding: np.ndarray  # float32 [E], L2-normalised
     bundle_hash: str  # bundle the embedding was computed with
     created_at: float  # epoch seconds
+    text_weight: float | None = None  # blend weight of the text embedding; None = no example images
+    examples: int = 0  # example images stored for the class
+
+
+@dataclass(frozen=True)
+class Example:
+    """One stored example image of a registered class (the uploaded file's bytes)."""
+
+    sha256: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StaleRow:
+    """A row to re-embed for another bundle: everything its embedding was computed from."""
+
+    key: str
+    name: str
+    templates: tuple[str, ...]
+    text_weight: float | None
+    examples: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -80,12 +108,20 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class NewClass:
-    """A class to insert or update; ``embedding`` may be None when the caller expects it unchanged."""
+    """A class to insert or update; ``embedding`` may be None when the caller expects it unchanged.
+
+    ``examples`` are new example images to store; ``example_set`` is the sha256 set of ALL examples the
+    embedding was computed from (stored ones included): when the stored set differs at commit time (a
+    concurrent registration added some), the class answers ``needs_embedding`` instead of being written.
+    """
 
     key: str
     name: str
     templates: tuple[str, ...]
     embedding: np.ndarray | None
+    text_weight: float | None = None
+    examples: tuple[Example, ...] = ()
+    example_set: frozenset[str] = frozenset()
 
 
 # status values returned by Registry.upsert, per requested class
@@ -180,6 +216,18 @@ class Registry:
                 " updated_at DOUBLE PRECISION NOT NULL)"
             )
             cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {EXAMPLES_TABLE} ("
+                " key TEXT NOT NULL,"
+                " sha256 TEXT NOT NULL,"
+                f" data {self.blob_type} NOT NULL,"
+                " bytes INTEGER NOT NULL,"
+                " created_at DOUBLE PRECISION NOT NULL,"
+                " PRIMARY KEY (key, sha256))"
+            )
+            if "text_weight" not in self._columns(cur, CLASSES_TABLE):  # registries from before examples
+                cur.execute(f"ALTER TABLE {CLASSES_TABLE} ADD COLUMN text_weight DOUBLE PRECISION")
+                _logger.info("registry migrated: %s.text_weight added", CLASSES_TABLE)
+            cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {META_TABLE} ("
                 " id INTEGER PRIMARY KEY CHECK (id = 1),"
                 " version BIGINT NOT NULL)"
@@ -209,8 +257,9 @@ class Registry:
                 row = cur.fetchone()
                 version = int(row[0]) if row else 0
                 cur.execute(
-                    f"SELECT key, name, templates, embedding, embed_dim, bundle_hash, created_at"
-                    f" FROM {CLASSES_TABLE} ORDER BY created_at, key"
+                    f"SELECT c.key, c.name, c.templates, c.embedding, c.embed_dim, c.bundle_hash, c.created_at,"
+                    f" c.text_weight, (SELECT COUNT(*) FROM {EXAMPLES_TABLE} e WHERE e.key = c.key)"
+                    f" FROM {CLASSES_TABLE} c ORDER BY c.created_at, c.key"
                 )
                 rows = cur.fetchall()
             classes = tuple(
@@ -221,6 +270,8 @@ class Registry:
                     embedding=decode_embedding(r[3], int(r[4])),
                     bundle_hash=r[5],
                     created_at=float(r[6]),
+                    text_weight=None if r[7] is None else float(r[7]),
+                    examples=int(r[8]),
                 )
                 for r in rows
             )
@@ -241,6 +292,20 @@ class Registry:
 
         return self._with_retry(run)
 
+    def examples(self, key: str) -> list[Example]:
+        """The stored example images of one class, oldest first."""
+
+        def run() -> list[Example]:
+            with self._read_tx() as cur:
+                cur.execute(
+                    f"SELECT sha256, data FROM {EXAMPLES_TABLE} WHERE key = {self.placeholder}"
+                    " ORDER BY created_at, sha256",
+                    (key,),
+                )
+                return [Example(r[0], bytes(r[1])) for r in cur.fetchall()]
+
+        return self._with_retry(run)
+
     def upsert(self, classes: Sequence[NewClass], bundle_hash: str, max_total: int) -> list[str]:
         """Insert or update ``classes`` in ONE transaction; returns a status per class.
 
@@ -254,23 +319,37 @@ class Registry:
         ph = self.placeholder
         now = time.time()
         with self._lock, self._write_tx() as cur:
-            existing: dict[str, tuple[str, str]] = {}
+            existing: dict[str, tuple[str, str, float | None]] = {}
+            stored_sets: dict[str, set[str]] = {}
             keys = [c.key for c in classes]
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
+                marks = ", ".join([ph] * len(chunk))
                 cur.execute(
-                    f"SELECT key, templates, bundle_hash FROM {CLASSES_TABLE}"
-                    f" WHERE key IN ({', '.join([ph] * len(chunk))})",
+                    f"SELECT key, templates, bundle_hash, text_weight FROM {CLASSES_TABLE} WHERE key IN ({marks})",
                     chunk,
                 )
-                existing.update({r[0]: (r[1], r[2]) for r in cur.fetchall()})
+                existing.update(
+                    {r[0]: (r[1], r[2], None if r[3] is None else float(r[3])) for r in cur.fetchall()}
+                )
+                cur.execute(f"SELECT key, sha256 FROM {EXAMPLES_TABLE} WHERE key IN ({marks})", chunk)
+                for key, sha in cur.fetchall():
+                    stored_sets.setdefault(key, set()).add(sha)
             statuses: list[str] = []
             for c in classes:
                 templates_json = json.dumps(list(c.templates), ensure_ascii=False)
-                if c.key in existing and existing[c.key] == (templates_json, bundle_hash):
+                stored = stored_sets.get(c.key, set())
+                wanted = stored | {e.sha256 for e in c.examples}
+                same_inputs = (
+                    c.key in existing
+                    and existing[c.key][:2] == (templates_json, bundle_hash)
+                    and wanted == stored
+                    and (not stored or existing[c.key][2] == c.text_weight)
+                )
+                if same_inputs:
                     statuses.append(UNCHANGED)
-                elif c.embedding is None:
-                    statuses.append(NEEDS_EMBEDDING)
+                elif c.embedding is None or (wanted and c.example_set != wanted):
+                    statuses.append(NEEDS_EMBEDDING)  # no embedding, or one computed from other examples
                 else:
                     statuses.append(UPDATED if c.key in existing else CREATED)
             if NEEDS_EMBEDDING in statuses:
@@ -287,17 +366,34 @@ class Registry:
                 assert c.embedding is not None
                 blob = encode_embedding(c.embedding)
                 templates_json = json.dumps(list(c.templates), ensure_ascii=False)
+                weight = c.text_weight if (stored_sets.get(c.key) or c.examples) else None
                 if status == CREATED:
                     cur.execute(
                         f"INSERT INTO {CLASSES_TABLE} (key, name, templates, embedding, embed_dim,"
-                        f" bundle_hash, created_at, updated_at) VALUES ({', '.join([ph] * 8)})",
-                        (c.key, c.name, templates_json, blob, int(c.embedding.size), bundle_hash, now, now),
+                        f" bundle_hash, created_at, updated_at, text_weight) VALUES ({', '.join([ph] * 9)})",
+                        (
+                            c.key,
+                            c.name,
+                            templates_json,
+                            blob,
+                            int(c.embedding.size),
+                            bundle_hash,
+                            now,
+                            now,
+                            weight,
+                        ),
                     )
                 else:
                     cur.execute(
                         f"UPDATE {CLASSES_TABLE} SET templates = {ph}, embedding = {ph}, embed_dim = {ph},"
-                        f" bundle_hash = {ph}, updated_at = {ph} WHERE key = {ph}",
-                        (templates_json, blob, int(c.embedding.size), bundle_hash, now, c.key),
+                        f" bundle_hash = {ph}, updated_at = {ph}, text_weight = {ph} WHERE key = {ph}",
+                        (templates_json, blob, int(c.embedding.size), bundle_hash, now, weight, c.key),
+                    )
+                for order, example in enumerate(c.examples):  # created_at keeps the upload order
+                    cur.execute(
+                        f"INSERT INTO {EXAMPLES_TABLE} (key, sha256, data, bytes, created_at)"
+                        f" VALUES ({', '.join([ph] * 5)}) ON CONFLICT (key, sha256) DO NOTHING",
+                        (c.key, example.sha256, example.data, len(example.data), now + order * 1e-6),
                     )
             if any(s != UNCHANGED for s in statuses):
                 self._bump_version(cur)
@@ -308,6 +404,7 @@ class Registry:
         with self._lock, self._write_tx() as cur:
             cur.execute(f"DELETE FROM {CLASSES_TABLE} WHERE key = {self.placeholder}", (key,))
             deleted = cur.rowcount > 0
+            cur.execute(f"DELETE FROM {EXAMPLES_TABLE} WHERE key = {self.placeholder}", (key,))
             if deleted:
                 self._bump_version(cur)
             return deleted
@@ -316,20 +413,21 @@ class Registry:
         self,
         bundle_hash: str,
         embed_dim: int,
-        embed: Callable[[Sequence[tuple[str, tuple[str, ...]]]], np.ndarray],
+        embed: Callable[[Sequence[StaleRow]], np.ndarray],
     ) -> int:
         """Re-embed rows computed with another bundle (or dimension); returns the number rewritten.
 
-        ``embed`` gets ``[(name, templates), ...]`` and returns normalised ``[N, E]`` embeddings.
-        Embedding runs outside any transaction; the rewrite is one transaction that only touches rows
-        still unchanged since they were read (a concurrent worker doing the same work is harmless).
+        ``embed`` gets :class:`StaleRow` s (name, templates, blend weight and stored example images) and
+        returns normalised ``[N, E]`` embeddings. Embedding runs outside any transaction; the rewrite is one
+        transaction that only touches rows still unchanged since they were read (a concurrent worker doing
+        the same work is harmless).
         """
         ph = self.placeholder
 
         def select() -> list[tuple[Any, ...]]:
             with self._read_tx() as cur:
                 cur.execute(
-                    f"SELECT key, name, templates, bundle_hash FROM {CLASSES_TABLE}"
+                    f"SELECT key, name, templates, bundle_hash, text_weight FROM {CLASSES_TABLE}"
                     f" WHERE bundle_hash <> {ph} OR embed_dim <> {ph}",
                     (bundle_hash, embed_dim),
                 )
@@ -339,7 +437,17 @@ class Registry:
         if not stale:
             return 0
         _logger.info("re-embedding %d registered classes for bundle %s", len(stale), bundle_hash[:12])
-        vectors = embed([(r[1], tuple(json.loads(r[2]))) for r in stale])
+        rows = [
+            StaleRow(
+                key=r[0],
+                name=r[1],
+                templates=tuple(json.loads(r[2])),
+                text_weight=None if r[4] is None else float(r[4]),
+                examples=tuple(e.data for e in self.examples(r[0])) if r[4] is not None else (),
+            )
+            for r in stale
+        ]
+        vectors = embed(rows)
         now = time.time()
         rewritten = 0
         with self._lock, self._write_tx() as cur:
@@ -355,6 +463,10 @@ class Registry:
         return rewritten
 
     # -- helpers -------------------------------------------------------------------------------
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        """Column names of ``table`` (dialect-specific)."""
+        raise NotImplementedError
+
     def _bump_version(self, cur: Any) -> None:
         cur.execute(f"UPDATE {META_TABLE} SET version = version + 1 WHERE id = 1")
 
@@ -450,6 +562,10 @@ class SqliteRegistry(Registry):
         with self._tx("BEGIN") as cur:
             yield cur
 
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        cur.execute(f"PRAGMA table_info({table})")
+        return {str(r[1]) for r in cur.fetchall()}
+
 
 class PostgresRegistry(Registry):
     """PostgreSQL through psycopg 3; one autocommit connection per process, explicit transactions."""
@@ -502,3 +618,10 @@ class PostgresRegistry(Registry):
     def _read_tx(self) -> Iterator[Any]:
         with self._pg_tx(["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"]) as cur:
             yield cur
+
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s AND table_schema = current_schema()",
+            (table,),
+        )
+        return {str(r[0]) for r in cur.fetchall()}

@@ -53,10 +53,12 @@ with bentoml.importing():
     from serving.names import clean_name, clean_template, name_key
     from serving.registry import (
         NEEDS_EMBEDDING,
+        Example,
         NewClass,
         Registry,
         RegistryError,
         RegistryFullError,
+        StaleRow,
         StoredClass,
     )
     from serving.runtime.bundle import Bundle
@@ -139,7 +141,7 @@ class FlatPrompt:
         ).set(1)
         self._trained_names = list(self.bundle.class_names)
         self._trained_keys = {name_key(n) for n in self._trained_names}
-        self._foreign: dict[tuple[str, tuple[str, ...], str], np.ndarray] = {}
+        self._foreign: dict[tuple[str, tuple[str, ...], str], np.ndarray] = {}  # see _usable_embedding
         self._registered: dict[str, StoredClass] = {}
         self._index_lock = threading.Lock()
         self._index = ClassIndex.build(
@@ -247,16 +249,50 @@ class FlatPrompt:
             return cast(ClassifyResponse, _error_response(error))
 
     @bentoml.api
-    def register(self, names: list[str], templates: list[str] | None = None) -> dict[str, Any]:
+    def register(
+        self,
+        names: list[str],
+        templates: list[str] | None = None,
+        examples: dict[str, list[str]] | None = None,
+        text_weight: float | None = None,
+    ) -> dict[str, Any]:
         """Register novel class names (needs the bearer token); idempotent.
 
         Each name is embedded with the bundle's text encoder (learned context included). With
         ``templates`` (each with one ``{}``), the normalised embeddings of all templates are averaged
-        and renormalised. Status per name: ``created``, ``updated`` (new templates), ``unchanged`` or
-        ``trained`` (already a trained class; nothing stored).
+        and renormalised. ``examples`` maps a name to example images (base64 or ``data:`` URLs): the
+        class prototype is then the normalised blend ``text_weight * text + (1 - text_weight) * mean
+        image embedding`` (``text_weight`` null: 1 / (1 + sqrt(K)) for K examples; 0: images alone).
+        Examples add to those already stored. Status per name: ``created``, ``updated``, ``unchanged``
+        or ``trained`` (already a trained class; nothing stored).
         """
         try:
-            return self._register(names, templates)
+            decoded = None
+            if examples is not None:
+                cap = self.config.limits.max_example_bytes
+                decoded = {
+                    name: [decode_base64(item, i, cap) for i, item in enumerate(items)]
+                    for name, items in examples.items()
+                }
+            return self._register(names, templates, decoded, text_weight)
+        except ServeError as error:
+            return cast(dict[str, Any], _error_response(error))
+
+    @bentoml.api
+    def register_images(
+        self,
+        name: str,
+        images: list[Path],
+        templates: list[str] | None = None,
+        text_weight: float | None = None,
+    ) -> dict[str, Any]:
+        """Register (or extend) one class from example images (multipart ``images``, repeatable; bearer token).
+
+        Like ``register`` with ``examples={name: images}``: the prototype blends the name's text embedding
+        with the mean embedding of every example stored for the class.
+        """
+        try:
+            return self._register([name], templates, {name: [_read_upload(p) for p in images]}, text_weight)
         except ServeError as error:
             return cast(dict[str, Any], _error_response(error))
 
@@ -281,7 +317,13 @@ class FlatPrompt:
                 ]
             if kind in ("all", "registered"):
                 out["registered"] = [
-                    {"name": c.name, "templates": list(c.templates), "created_at": c.created_at}
+                    {
+                        "name": c.name,
+                        "templates": list(c.templates),
+                        "created_at": c.created_at,
+                        "examples": c.examples,
+                        "text_weight": c.text_weight,
+                    }
                     for c in self._registered.values()
                 ]
             return out
@@ -452,7 +494,17 @@ class FlatPrompt:
             return stored.embedding
         cache_key = (stored.key, stored.templates, stored.bundle_hash)
         if cache_key not in self._foreign:
-            self._foreign[cache_key] = self._embed([stored.name], stored.templates)[0]
+            if stored.examples:
+                row = StaleRow(
+                    stored.key,
+                    stored.name,
+                    stored.templates,
+                    stored.text_weight,
+                    tuple(e.data for e in self.registry.examples(stored.key)),
+                )
+                self._foreign[cache_key] = self._embed_rows([row])[0]
+            else:
+                self._foreign[cache_key] = self._embed([stored.name], stored.templates)[0]
         return self._foreign[cache_key]
 
     def _embed(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
@@ -471,20 +523,59 @@ class FlatPrompt:
             outs.append(total)
         return np.concatenate(outs) if outs else np.zeros((0, int(self.bundle.embed_dim)), np.float32)
 
-    def _embed_rows(self, rows: Sequence[tuple[str, tuple[str, ...]]]) -> np.ndarray:
-        """Embed ``(name, templates)`` rows, grouping rows that share templates."""
+    def _embed_rows(self, rows: Sequence[StaleRow]) -> np.ndarray:
+        """Embed stored rows (re-embedding for a new bundle): text rows grouped by templates, rows with
+        example images blended with them as at registration."""
         out = np.zeros((len(rows), int(self.bundle.embed_dim)), np.float32)
         groups: dict[tuple[str, ...], list[int]] = {}
-        for i, (_, templates) in enumerate(rows):
-            groups.setdefault(templates, []).append(i)
+        for i, row in enumerate(rows):
+            groups.setdefault(row.templates, []).append(i)
         for templates, idx in groups.items():
-            out[idx] = self._embed([rows[i][0] for i in idx], templates)
+            out[idx] = self._embed([rows[i].name for i in idx], templates)
+        for i, row in enumerate(rows):
+            if row.examples and row.text_weight is not None:
+                pixels = self._example_pixels(list(row.examples))
+                out[i] = blend_prototype(out[i], self._embed_images(pixels), row.text_weight)
         return out
 
-    def _register(self, names: list[str], templates: list[str] | None) -> dict[str, Any]:
+    def _example_pixels(self, images: Sequence[bytes]) -> np.ndarray:
+        """Decode + preprocess example images exactly as ``/classify`` does (same 4xx errors)."""
+        limits = self.config.limits
+        size = int(self.bundle.image_size)
+        pixels = np.empty((len(images), 3, size, size), np.float32)
+        for i, data in enumerate(images):
+            if len(data) > limits.max_example_bytes:
+                raise ServeError(
+                    413,
+                    "example_too_large",
+                    f"example image {i} has {len(data)} bytes, the limit is {limits.max_example_bytes}",
+                    limit="example_bytes",
+                )
+            image = decode_image(data, i, limits.max_image_pixels, self.bundle.preprocess_config)
+            pixels[i] = self.bundle.preprocess(image)
+        return pixels
+
+    def _embed_images(self, pixels: np.ndarray) -> np.ndarray:
+        """Image embeddings through the image batcher (register runs in a worker thread)."""
+        size = int(self.config.service.max_batch_size)
+        return np.concatenate(
+            [self.image_batcher.run_sync(pixels[i : i + size]) for i in range(0, len(pixels), size)]
+        )
+
+    def _register(
+        self,
+        names: list[str],
+        templates: list[str] | None,
+        examples: dict[str, list[bytes]] | None = None,
+        text_weight: float | None = None,
+    ) -> dict[str, Any]:
         limits = self.config.limits
         if not names:
             raise ServeError(400, "no_names", "send at least one name")
+        if text_weight is not None and not 0.0 <= text_weight <= 1.0:
+            raise ServeError(
+                400, "invalid_text_weight", "text_weight must be between 0 and 1 (or null: automatic)"
+            )
         if len(names) > limits.max_names_per_registration:
             raise ServeError(
                 413,
@@ -508,25 +599,39 @@ class FlatPrompt:
         for raw in names:
             name = clean_name(raw, limits.max_name_length)
             cleaned.setdefault(name_key(name), name)
+        new_examples = self._new_examples(examples or {}, cleaned)
         self._refresh_index()
         results: dict[str, str] = {}
         todo: list[NewClass] = []
         need: set[int] = set()  # rows to (re-)embed; the others are expected unchanged
         for key, name in cleaned.items():
             if key in self._trained_keys:
+                if key in new_examples:
+                    raise ServeError(
+                        409,
+                        "trained_class",
+                        f"{name!r} is a trained class; examples can only extend registered ones",
+                    )
                 results[key] = TRAINED
                 continue
             known = self._registered.get(key)
-            if known is None or known.templates != tpl or known.bundle_hash != self.bundle_hash:
+            weight = text_weight if text_weight is not None or known is None else known.text_weight
+            if (
+                known is None
+                or known.templates != tpl
+                or known.bundle_hash != self.bundle_hash
+                or key in new_examples
+                or (known.examples and weight != known.text_weight)
+            ):
                 need.add(len(todo))
-            todo.append(NewClass(key, name, tpl, None))
+            todo.append(NewClass(key, name, tpl, None, weight, new_examples.get(key, ())))
         statuses: list[str] = []
-        for _ in range(3):  # a concurrent delete can turn an "unchanged" row into one to embed
+        for _ in range(3):  # a concurrent change can turn an "unchanged" row into one to embed
             if need:
                 ordered = sorted(need)
                 vectors = self._embed([todo[i].name for i in ordered], tpl)
                 for i, vec in zip(ordered, vectors, strict=True):
-                    todo[i] = dataclasses.replace(todo[i], embedding=vec)
+                    todo[i] = self._with_examples(dataclasses.replace(todo[i], embedding=vec), text_weight)
             try:
                 statuses = self.registry.upsert(todo, self.bundle_hash, limits.max_registered_classes)
             except RegistryFullError as exc:
@@ -556,6 +661,67 @@ class FlatPrompt:
             "registered_total": len(self._registered),
             "registry_version": index.version,
         }
+
+    def _new_examples(
+        self, examples: dict[str, list[bytes]], cleaned: dict[str, str]
+    ) -> dict[str, tuple[Example, ...]]:
+        """Example images per class key, checked (decodable, within the limits), deduplicated by sha256."""
+        limits = self.config.limits
+        out: dict[str, tuple[Example, ...]] = {}
+        for raw, images in examples.items():
+            key = name_key(clean_name(raw, limits.max_name_length))
+            if key not in cleaned:
+                raise ServeError(
+                    400, "invalid_examples", f"examples for {raw!r}, which is not among the names"
+                )
+            if not images:
+                raise ServeError(400, "no_images", f"examples for {raw!r} hold no image")
+            if len(images) > limits.max_examples_per_class:
+                raise ServeError(
+                    413,
+                    "too_many_examples",
+                    f"{len(images)} examples for {raw!r}, the limit is {limits.max_examples_per_class} per class",
+                    limit="examples_per_class",
+                )
+            self._example_pixels(
+                images
+            )  # every image decodes (same 4xx as /classify) before anything is stored
+            unique = {hashlib.sha256(data).hexdigest(): data for data in images}
+            out[key] = tuple(Example(sha, data) for sha, data in unique.items())
+        return out
+
+    def _with_examples(self, new: NewClass, text_weight: float | None) -> NewClass:
+        """Blend a text-embedded class with its example images (stored ones and new ones), if it has any."""
+        try:  # read each time: a concurrent registration may have added examples
+            stored = self.registry.examples(new.key)
+        except RegistryError as exc:
+            self.metrics.registry_errors.inc()
+            raise ServeError(
+                503, "registry_unavailable", f"the class registry is unavailable ({exc}); retry later"
+            ) from None
+        by_sha = {e.sha256: e.data for e in stored}
+        by_sha.update({e.sha256: e.data for e in new.examples})
+        if not by_sha:
+            return dataclasses.replace(new, text_weight=None)
+        limit = self.config.limits.max_examples_per_class
+        if len(by_sha) > limit:
+            raise ServeError(
+                413,
+                "too_many_examples",
+                f"{new.name!r} would hold {len(by_sha)} examples, the limit is {limit} per class",
+                limit="examples_per_class",
+            )
+        weight = text_weight if text_weight is not None else new.text_weight
+        if weight is None:
+            weight = auto_text_weight(len(by_sha))
+        assert new.embedding is not None
+        image = self._embed_images(self._example_pixels(list(by_sha.values())))
+        return dataclasses.replace(
+            new,
+            embedding=blend_prototype(new.embedding, image, weight),
+            text_weight=weight,
+            example_set=frozenset(by_sha),
+        )
 
     def _bundle_template(self, template: str) -> str:
         """A client template as the bundle needs it.
@@ -613,6 +779,23 @@ class FlatPrompt:
         text = self._embed(EXAMPLE_NAMES, ())
         if text.shape != (len(EXAMPLE_NAMES), int(self.bundle.embed_dim)) or not np.all(np.isfinite(text)):
             raise RuntimeError(f"text encoder warm-up returned {text.shape}")
+
+
+def auto_text_weight(examples: int) -> float:
+    """Default blend weight of the text embedding for K example images: 1 / (1 + sqrt(K)).
+
+    1 example: 0.5; 4: 0.33; 16: 0.2. Chosen by ``benchmarks/register_examples.py`` on the toy world's
+    novel classes (README, "Registering classes from example images"): more examples earn more weight.
+    """
+    return 1.0 / (1.0 + float(np.sqrt(max(examples, 1))))
+
+
+def blend_prototype(text: np.ndarray, images: np.ndarray, text_weight: float) -> np.ndarray:
+    """``normalize(w * text + (1 - w) * normalize(mean(images)))``: a class prototype from its name and examples."""
+    image = images.mean(axis=0)
+    image = image / max(float(np.linalg.norm(image)), 1e-12)
+    mixed = text_weight * text + (1.0 - text_weight) * image
+    return (mixed / max(float(np.linalg.norm(mixed)), 1e-12)).astype(np.float32)
 
 
 def _provider_reason(active: str, required: str, libraries: str) -> str:
