@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-from pathlib import Path
 
 import numpy as np
 
+from serving.prototypes import auto_text_weight, blend_prototype
 from serving.runtime.bundle import Bundle
 from trainer.toyworld.task import ToyImages, novel_class_names
 from trainer.toyworld.world import Split
@@ -38,11 +38,14 @@ def embed(bundle: Bundle, images: ToyImages) -> np.ndarray:
 
 
 def blend(text: np.ndarray, examples: np.ndarray | None, weight: float) -> np.ndarray:
-    """The prototype of one class: normalised blend of its text embedding and its mean example embedding."""
-    if examples is None or len(examples) == 0 or weight >= 1.0:
+    """The prototype of one class, as the service computes it (``serving.service.blend_prototype``)."""
+    if examples is None or len(examples) == 0:
         return text
-    image = _normalize(examples.mean(axis=0))
-    return _normalize(weight * text + (1.0 - weight) * image)
+    return blend_prototype(text, examples, weight)
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -53,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default="bundles/toy")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--weights", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25, 0.0])
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        default=["auto", "0.75", "0.5", "0.25", "0"],
+        help="text weights; auto = the service's default 1 / (1 + sqrt(K))",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-per-class", type=int, default=25)
     args = p.parse_args(argv)
@@ -75,29 +83,34 @@ def main(argv: list[str] | None = None) -> int:
             examples = ToyImages(names, [k] * len(names), Split.TRAIN, 1000 + seed)
             ex_emb = embed(bundle, examples)
             ex_targets = np.asarray(examples.targets)
-            for w in args.weights:
-                protos = np.stack(
-                    [blend(text[c], ex_emb[ex_targets == c], w) for c in range(len(names))]
-                )
+            for w_arg in args.weights:
+                w = auto_text_weight(k) if w_arg == "auto" else float(w_arg)
+                protos = np.stack([blend(text[c], ex_emb[ex_targets == c], w) for c in range(len(names))])
                 all_logits = scale * test_emb @ np.concatenate([trained, protos]).T
                 novel_logits = scale * test_emb @ protos.T
-                rows.setdefault((k, w), []).append(
+                rows.setdefault((k, w_arg), []).append(
                     (accuracy(all_logits, targets + n_trained), accuracy(novel_logits, targets))
                 )
         _logger.info("seed %d done", seed)
     name_only = scale * test_emb @ text.T
     name_only_all = scale * test_emb @ np.concatenate([trained, text]).T
-    print(f"bundle {args.bundle} ({bundle.manifest.get('model', {}).get('name', '?')}, n_ctx {bundle.n_ctx}); "
-          f"{len(names)} novel classes x {args.test_per_class} test images; seeds {args.seeds}\n")
+    print(
+        f"bundle {args.bundle} ({bundle.manifest.get('model', {}).get('name', '?')}, n_ctx {bundle.n_ctx}); "
+        f"{len(names)} novel classes x {args.test_per_class} test images; seeds {args.seeds}\n"
+    )
     print("| K examples | text weight w | novel acc, all classes | novel acc, novel only |")
     print("| --- | --- | --- | --- |")
-    print(f"| 0 (name only) | 1 | {100 * accuracy(name_only_all, targets + n_trained):.1f} | "
-          f"{100 * accuracy(name_only, targets):.1f} |")
-    for (k, w), vals in sorted(rows.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    print(
+        f"| 0 (name only) | 1 | {100 * accuracy(name_only_all, targets + n_trained):.1f} | "
+        f"{100 * accuracy(name_only, targets):.1f} |"
+    )
+    for (k, w), vals in rows.items():
         a = [100 * v[0] for v in vals]
         b = [100 * v[1] for v in vals]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
-        print(f"| {k} | {w:g} | {statistics.mean(a):.1f} ± {sd(a):.1f} | {statistics.mean(b):.1f} ± {sd(b):.1f} |")
+        label = f"auto ({auto_text_weight(k):.2f})" if w == "auto" else w
+        print(
+            f"| {k} | {label} | {statistics.mean(a):.1f} ± {_sd(a):.1f} | {statistics.mean(b):.1f} ± {_sd(b):.1f} |"
+        )
     return 0
 
 

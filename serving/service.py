@@ -51,6 +51,7 @@ with bentoml.importing():
     from serving.images import configure_pil, decode_base64, decode_image
     from serving.metrics import get_metrics
     from serving.names import clean_name, clean_template, name_key
+    from serving.prototypes import auto_text_weight, blend_prototype
     from serving.registry import (
         NEEDS_EMBEDDING,
         Example,
@@ -779,23 +780,6 @@ class FlatPrompt:
         text = self._embed(EXAMPLE_NAMES, ())
         if text.shape != (len(EXAMPLE_NAMES), int(self.bundle.embed_dim)) or not np.all(np.isfinite(text)):
             raise RuntimeError(f"text encoder warm-up returned {text.shape}")
-
-
-def auto_text_weight(examples: int) -> float:
-    """Default blend weight of the text embedding for K example images: 1 / (1 + sqrt(K)).
-
-    1 example: 0.5; 4: 0.33; 16: 0.2. Chosen by ``benchmarks/register_examples.py`` on the toy world's
-    novel classes (README, "Registering classes from example images"): more examples earn more weight.
-    """
-    return 1.0 / (1.0 + float(np.sqrt(max(examples, 1))))
-
-
-def blend_prototype(text: np.ndarray, images: np.ndarray, text_weight: float) -> np.ndarray:
-    """``normalize(w * text + (1 - w) * normalize(mean(images)))``: a class prototype from its name and examples."""
-    image = images.mean(axis=0)
-    image = image / max(float(np.linalg.norm(image)), 1e-12)
-    mixed = text_weight * text + (1.0 - text_weight) * image
-    return (mixed / max(float(np.linalg.norm(mixed)), 1e-12)).astype(np.float32)
 
 
 def _provider_reason(active: str, required: str, libraries: str) -> str:

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from serving.prototypes import auto_text_weight, blend_prototype
 from serving.registry import (
     CREATED,
     NEEDS_EMBEDDING,
@@ -25,7 +26,7 @@ from serving.registry import (
     Registry,
     StaleRow,
 )
-from serving.service import auto_text_weight, blend_prototype, bundle_hash
+from serving.service import bundle_hash
 from tests.serving_fixtures import make_bundle, png_bytes, running_server, start_postgres
 
 TOKEN = "examples-token"
