@@ -6,19 +6,26 @@ test image) are embedded by the bundle's image encoder; the class prototype is t
 class) is then classified over all trained + novel classes (as the service scores a registered class) and
 over the novel classes alone. ``w = 1`` is name-only registration; K = 0 is name-only too.
 
-    python benchmarks/register_examples.py --bundle bundles/toy --shots 1 4 16 --weights 1 0.75 0.5 0.25 0 \
-        --seeds 0 1 2
+    python benchmarks/register_examples.py --bundle bundles/toy-tuned --seeds 0 1 2          # in-process
+    python benchmarks/register_examples.py --bundle bundles/toy-tuned --seeds 0 1 2 --http   # served
 
 Prints a Markdown table: mean +- std over the seeds (different example draws) of novel accuracy (percent).
+With ``--http`` the same is measured end to end: a server on 127.0.0.1 (started and stopped here),
+classes registered through ``/register`` (names, and base64 examples with the service's default weight),
+the novel test images classified through ``/classify`` (16 per request), top-1 over every class served.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import logging
 import statistics
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from serving.prototypes import auto_text_weight, blend_prototype
 from serving.runtime.bundle import Bundle
@@ -64,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-per-class", type=int, default=25)
+    p.add_argument("--http", action="store_true", help="measure through a served bundle instead")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    if args.http:
+        return served(args)
     bundle = Bundle.load(args.bundle, providers=["CPUExecutionProvider"])
     names = novel_class_names()
     text = bundle.embed_texts(names)
@@ -111,6 +121,79 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {k} | {label} | {statistics.mean(a):.1f} ± {_sd(a):.1f} | {statistics.mean(b):.1f} ± {_sd(b):.1f} |"
         )
+    return 0
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def served(args: argparse.Namespace) -> int:
+    """The same measurement through HTTP: register over /register, classify over /classify."""
+    import tempfile
+
+    import httpx
+
+    from tests.serving_fixtures import start_server
+
+    names = novel_class_names()
+    test = ToyImages(names, [args.test_per_class] * len(names), Split.NOVEL_TEST, 0)
+    test_png = [_png(test.load(i)) for i in range(len(test))]
+    token = "bench-token"
+    auth = {"Authorization": f"Bearer {token}"}
+    results: dict[int, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            "FLATPROMPT_BUNDLE": str(Path(args.bundle).resolve()),
+            "FLATPROMPT_REGISTRY_URL": f"sqlite:///{tmp}/registry.db",
+            "FLATPROMPT_TOKEN": token,
+            "FLATPROMPT_REQUEST_TIMEOUT_S": "300",
+        }
+        server = start_server(Path(tmp) / "server", env)
+        try:
+            client = httpx.Client(base_url=server.url, timeout=300)
+            for seed in args.seeds:
+                for k in [0, *args.shots]:
+                    body: dict[str, object] = {"names": names}
+                    if k:
+                        examples = ToyImages(names, [k] * len(names), Split.TRAIN, 1000 + seed)
+                        per: dict[str, list[str]] = {n: [] for n in names}
+                        for i in range(len(examples)):
+                            data = base64.b64encode(_png(examples.load(i))).decode()
+                            per[names[examples.targets[i]]].append(data)
+                        body["examples"] = per
+                    r = client.post("/register", json=body, headers=auth)
+                    r.raise_for_status()
+                    correct = 0
+                    for start in range(0, len(test_png), 16):
+                        files = [
+                            ("images", (f"{j}.png", test_png[j], "image/png"))
+                            for j in range(start, min(start + 16, len(test_png)))
+                        ]
+                        r = client.post("/classify", files=files, data={"top_k": "1"})
+                        r.raise_for_status()
+                        for j, res in zip(range(start, start + 16), r.json()["results"], strict=False):
+                            correct += res["labels"][0]["name"] == names[test.targets[j]]
+                    results.setdefault(k, []).append(correct / len(test_png))
+                    for n in names:  # start the next setting from nothing
+                        client.post("/unregister", json={"name": n}, headers=auth).raise_for_status()
+                    if k == 0 and seed != args.seeds[0]:
+                        results[0].pop()  # name-only does not depend on the draw: measured once
+                _logger.info("seed %d done", seed)
+        finally:
+            server.stop(timeout=10)
+    print(
+        f"served {args.bundle} over HTTP; {len(names)} novel classes x {args.test_per_class} test images; "
+        f"top-1 over every served class (trained + registered); seeds {args.seeds}\n"
+    )
+    print("| registration | novel top-1 (served) |")
+    print("| --- | --- |")
+    for k, vals in results.items():
+        label = "name only" if k == 0 else f"name + {k} examples (w = {auto_text_weight(k):.2f})"
+        acc = [100 * v for v in vals]
+        print(f"| {label} | {statistics.mean(acc):.1f} ± {_sd(acc):.1f} |")
     return 0
 
 
