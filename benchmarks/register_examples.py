@@ -134,8 +134,11 @@ def served(args: argparse.Namespace) -> int:
     """The same measurement through HTTP: register over /register, classify over /classify."""
     import tempfile
 
+    import sys
+
     import httpx
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
     from tests.serving_fixtures import start_server
 
     names = novel_class_names()
