@@ -195,7 +195,7 @@ def component_schemas() -> dict[str, Any]:
     _, top = models_json_schema(
         [(m, "validation") for m in requests] + [(m, "serialization") for m in responses], ref_template=REF
     )
-    schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    schemas: dict[str, Any] = _markdown_descriptions(dict(top.get("$defs", {})))
     for route in ROUTES.values():
         if route.files:  # file parts: binary strings, not pydantic's "path" strings
             props = schemas[route.request.__name__]["properties"]
@@ -203,6 +203,18 @@ def component_schemas() -> dict[str, Any]:
                 props[name]["items"] = {"type": "string", "format": "binary"}
                 props[name]["minItems"] = 1
     return schemas
+
+
+def _markdown_descriptions(node: Any) -> Any:
+    """Model docstrings become schema descriptions: render them as Markdown too."""
+    if isinstance(node, dict):
+        return {
+            k: markdown_doc(v) if k == "description" and isinstance(v, str) else _markdown_descriptions(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_markdown_descriptions(v) for v in node]
+    return node
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -231,10 +243,16 @@ def _error_response(status: int, codes: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _request_example(route: Route) -> dict[str, Any]:
-    """The request example: each field's first example (file parts are left to the user)."""
+    """The request example: the first example of each field that has no ``None`` default (an optional
+    subset such as ``candidates`` depends on the bundle; its own example stays on the field). File parts
+    are left to the user."""
     example: dict[str, Any] = {}
     for name, info in route.request.model_fields.items():
-        if name not in route.files and info.examples:
+        if (
+            name not in route.files
+            and info.examples
+            and not (not info.is_required() and info.default is None)
+        ):
             example[name] = info.examples[0]
     return example
 
