@@ -205,10 +205,18 @@ class RegisteredClass(BaseModel):
     created_at: float = Field(description="registration time, Unix epoch seconds")
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class ClassesResponse(BaseModel):
     """The class listing; ``trained`` / ``registered`` are present when ``kind`` asked for them."""
 
     registry_version: int = Field(description=_VERSION_DESC)
     bundle: str = _BUNDLE
-    trained: list[TrainedClass] | None = None
-    registered: list[RegisteredClass] | None = None
+    trained: list[TrainedClass] | None = Field(
+        None, exclude_if=_absent, description="present when kind is all or trained"
+    )
+    registered: list[RegisteredClass] | None = Field(
+        None, exclude_if=_absent, description="present when kind is all or registered"
+    )

@@ -74,6 +74,12 @@ def check_response(response: httpx.Response) -> None:
         )
 
 
+def checked(response: httpx.Response) -> httpx.Response:
+    """:func:`check_response`, returning the response (for one-line use around ``httpx.post``)."""
+    check_response(response)
+    return response
+
+
 def contract_client(base_url: str, timeout: float = 60.0, **kwargs: Any) -> httpx.Client:
     """An ``httpx.Client`` whose every response is checked with :func:`check_response`."""
     return httpx.Client(
