@@ -142,6 +142,42 @@ ROUTES: dict[str, Route] = {
     "classes": Route(ClassesRequest, ClassesResponse, "registry", "List the classes", {}),
 }
 
+# One real message per code (as the service words them, with the default limits), for the examples.
+ERROR_MESSAGES = {
+    "bad_request": "invalid request: top_k: Input should be a valid integer",
+    "payload_too_large": "request body of 40000000 bytes exceeds the limit of 33554432 bytes",
+    "unsupported_media_type": "/classify takes multipart/form-data (got application/json); "
+    "send base64 JSON to /classify_base64",
+    "overloaded": "more than 64 requests in flight in this worker; retry later",
+    "internal_error": "unexpected server error; see the server log",
+    "timeout": "no response within 30 s",
+    "unauthorized": "missing or invalid bearer token",
+    "mutations_disabled": "registering and deleting classes is disabled: the server has no "
+    "FLATPROMPT_TOKEN configured",
+    "no_images": "send at least one image",
+    "invalid_image": "image 1: not a decodable image (cannot identify image file)",
+    "invalid_top_k": "top_k must be between 1 and 100",
+    "invalid_tau": "tau must be between 0 and 10",
+    "invalid_candidates": "candidates, when given, must name at least one class",
+    "invalid_name": "class name is empty",
+    "unknown_class": "'grey hexagon' is not a registered class",
+    "too_many_images": "17 images, the limit is 16 per request",
+    "image_too_large": "image 1: 30000x30000 = 900000000 pixels exceeds the limit of 50000000 pixels",
+    "too_many_candidates": "20001 candidates, the limit is 20000",
+    "name_too_long": "class name has 130 characters, the limit is 128",
+    "not_ready": "model runs on CPUExecutionProvider, CUDAExecutionProvider required",
+    "shutting_down": "the worker is shutting down; retry",
+    "no_names": "send at least one name",
+    "invalid_template": "template 'a photo' must contain exactly one '{}'",
+    "template_too_long": "template has 210 characters, the limit is 200",
+    "registry_full": "registry holds 9999 classes, adding 2 exceeds the limit of 10000",
+    "conflict": "the registry kept changing during registration; retry",
+    "too_many_names": "1001 names, the limit is 1000 per registration",
+    "too_many_templates": "17 templates, the limit is 16",
+    "registry_unavailable": "the class registry is unavailable; retry later",
+    "trained_class": "'red circle' is a trained class; only registered classes can be deleted",
+}
+
 STATUS_TEXT = {
     400: "Malformed request or invalid value",
     401: "Missing or wrong bearer token",
@@ -229,8 +265,7 @@ def _error_response(status: int, codes: tuple[str, ...]) -> dict[str, Any]:
             "application/json": {
                 "schema": _ref(ErrorBody),
                 "examples": {
-                    code: {"value": {"error": code, "message": f"({code}: see the message)"}}
-                    for code in codes
+                    code: {"value": {"error": code, "message": ERROR_MESSAGES[code]}} for code in codes
                 },
             }
         },
@@ -306,7 +341,8 @@ def openapi_document(api_docs: Mapping[str, str | None], *, bundle_hash: str) ->
             "title": "flatprompt",
             "version": f"{__version__}+bundle.{bundle_hash[:12]}",
             "summary": "Prompt-learned CLIP image classification with run-time class registration",
-            "description": DESCRIPTION,
+            # BentoML's page hides info.title (its CSS expects a Markdown heading in the description)
+            "description": "# flatprompt\n\n" + DESCRIPTION,
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "tags": [

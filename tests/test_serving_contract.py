@@ -86,6 +86,24 @@ def test_every_route_is_typed_and_documents_its_errors(path: str) -> None:
     assert operation["description"] and operation["summary"]
 
 
+def test_every_example_validates_against_its_schema() -> None:
+    from jsonschema import Draft202012Validator
+
+    components = document()["components"]
+    checked = 0
+    for name, schema in components["schemas"].items():
+        validator = Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": components})
+        for example in schema.get("examples", []):
+            assert not list(validator.iter_errors(example)), (name, example)
+            checked += 1
+        for prop, sub in schema.get("properties", {}).items():
+            prop_validator = Draft202012Validator({**sub, "components": components})
+            for example in sub.get("examples", []):
+                assert not list(prop_validator.iter_errors(example)), (name, prop, example)
+                checked += 1
+    assert checked >= 15, checked
+
+
 def test_service_apis_are_the_documented_routes() -> None:
     from serving.openapi import ROUTES
     from serving.service import FlatPrompt
