@@ -36,3 +36,42 @@ SAMPLE_IMAGE_BASE64 = (
     "lIwPFa6EZxjZKdWQpYpSy1hBRSpSRJ0evVNmWtUeuWaBujdxO9rkuFpSIfZaJFbWnIqiQdDDIrAp5uAT0qoh1CeJIh/0RsVL"
     "xpxKt9YlEhKapmBLWc7EUucLd1MuQ7SrIa7ncMFAVxugg6xqV1yH+P8HLY+ZNco6twAAAABJRU5ErkJggg=="
 )
+
+# The 200 body shown per route, keyed by response model name (tests/test_serving_contract.py validates each).
+RESPONSE_EXAMPLES: dict[str, dict[str, object]] = {
+    "ClassifyResponse": {
+        "results": [
+            {
+                "labels": [
+                    {"name": "red circle", "kind": "trained", "probability": 0.917},
+                    {"name": "red heart", "kind": "trained", "probability": 0.061},
+                    {"name": "grey hexagon", "kind": "registered", "probability": 0.009},
+                ]
+            }
+        ],
+        "registry_version": 2,
+        "bundle": BUNDLE_EXAMPLE,
+    },
+    "RegisterResponse": {
+        "classes": [
+            {"name": "grey hexagon", "status": "created", "kind": "registered"},
+            {"name": "pink arrow", "status": "unchanged", "kind": "registered"},
+            {"name": "red circle", "status": "trained", "kind": "trained"},
+        ],
+        "registered_total": 2,
+        "registry_version": 3,
+    },
+    "UnregisterResponse": {"deleted": "grey hexagon", "registered_total": 1, "registry_version": 4},
+    "ClassesResponse": {
+        "registry_version": 3,
+        "bundle": BUNDLE_EXAMPLE,
+        "trained": [{"name": "red circle", "count": 500}, {"name": "green square", "count": 5}],
+        "registered": [
+            {
+                "name": "grey hexagon",
+                "templates": ["a photo of a {}."],
+                "created_at": 1764748800.0,
+            }
+        ],
+    },
+}

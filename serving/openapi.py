@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from serving import __version__
+from serving.examples import RESPONSE_EXAMPLES
 from serving.schemas import (
     ClassesRequest,
     ClassesResponse,
@@ -312,7 +313,12 @@ def _operation(name: str, route: Route, doc: str | None) -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "OK",
-                "content": {"application/json": {"schema": _ref(route.response)}},
+                "content": {
+                    "application/json": {
+                        "schema": _ref(route.response),
+                        "example": RESPONSE_EXAMPLES[route.response.__name__],
+                    }
+                },
             },
             **{str(s): _error_response(s, c) for s, c in sorted(errors.items())},
         },

@@ -137,26 +137,6 @@ class ImageResult(BaseModel):
 class ClassifyResponse(BaseModel):
     """One result per uploaded image, in request order."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "results": [
-                        {
-                            "labels": [
-                                {"name": "red circle", "kind": "trained", "probability": 0.917},
-                                {"name": "red heart", "kind": "trained", "probability": 0.061},
-                                {"name": "grey hexagon", "kind": "registered", "probability": 0.009},
-                            ]
-                        }
-                    ],
-                    "registry_version": 2,
-                    "bundle": BUNDLE_EXAMPLE,
-                }
-            ]
-        }
-    )
-
     results: list[ImageResult]
     registry_version: int = Field(description="registry version whose classes were scored")
     bundle: str = _BUNDLE
@@ -195,22 +175,6 @@ class RegisteredName(BaseModel):
 class RegisterResponse(BaseModel):
     """One entry per distinct name of the request (case-insensitive), in request order."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "classes": [
-                        {"name": "grey hexagon", "status": "created", "kind": "registered"},
-                        {"name": "pink arrow", "status": "unchanged", "kind": "registered"},
-                        {"name": "red circle", "status": "trained", "kind": "trained"},
-                    ],
-                    "registered_total": 2,
-                    "registry_version": 3,
-                }
-            ]
-        }
-    )
-
     classes: list[RegisteredName]
     registered_total: int = Field(ge=0, description="registered classes after this call")
     registry_version: int = Field(description=_VERSION_DESC)
@@ -218,12 +182,6 @@ class RegisterResponse(BaseModel):
 
 class UnregisterResponse(BaseModel):
     """The deleted class."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"deleted": "grey hexagon", "registered_total": 1, "registry_version": 4}]
-        }
-    )
 
     deleted: str = Field(
         description="the name as sent (whitespace normalised)", examples=[REGISTERED_EXAMPLES[0]]
@@ -253,25 +211,6 @@ def _absent(value: object) -> bool:
 
 class ClassesResponse(BaseModel):
     """The class listing; ``trained`` / ``registered`` are present when ``kind`` asked for them."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "registry_version": 3,
-                    "bundle": BUNDLE_EXAMPLE,
-                    "trained": [{"name": "red circle", "count": 500}, {"name": "green square", "count": 5}],
-                    "registered": [
-                        {
-                            "name": "grey hexagon",
-                            "templates": ["a photo of a {}."],
-                            "created_at": 1764748800.0,
-                        }
-                    ],
-                }
-            ]
-        }
-    )
 
     registry_version: int = Field(description=_VERSION_DESC)
     bundle: str = _BUNDLE
