@@ -20,7 +20,7 @@ import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -77,7 +77,7 @@ class Route:
     errors: Mapping[int, tuple[str, ...]]
     media_type: str = "application/json"
     protected: bool = False
-    files: tuple[str, ...] = field(default=())  # multipart fields that are file parts
+    files: tuple[str, ...] = ()  # multipart fields that are file parts
 
 
 # Statuses every API route can answer (the guard in serving/limits.py and BentoML's request validation).
@@ -284,11 +284,7 @@ def _request_example(route: Route) -> dict[str, Any]:
     are left to the user."""
     example: dict[str, Any] = {}
     for name, info in route.request.model_fields.items():
-        if (
-            name not in route.files
-            and info.examples
-            and not (not info.is_required() and info.default is None)
-        ):
+        if name not in route.files and info.examples and (info.is_required() or info.default is not None):
             example[name] = info.examples[0]
     return example
 

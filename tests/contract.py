@@ -2,8 +2,8 @@
 
 :func:`check_response` looks the request's route up in the service's OpenAPI document
 (``serving/openapi.py``, built here without a server) and asserts that the status is documented for it
-and that the JSON body validates against the documented schema (JSON Schema 2020-12, as OpenAPI 3.1
-uses). Routes the document does not list (unknown paths, ``/docs.json`` itself) must still answer errors
+that the JSON body validates against the documented schema (JSON Schema 2020-12, as OpenAPI 3.1
+uses) and that an error's ``error`` code is one the document lists for that status. Routes the document does not list (unknown paths, ``/docs.json`` itself) must still answer errors
 with the error model. :func:`contract_client` is an ``httpx.Client`` that runs the check on every
 response it receives.
 """
@@ -54,6 +54,15 @@ def response_schema(method: str, path: str, status: int) -> dict[str, Any] | Non
     return content.get("application/json", {}).get("schema")
 
 
+def documented_codes(method: str, path: str, status: int) -> set[str] | None:
+    """The error codes documented for this status of this route (the examples' keys), None if unlisted."""
+    operation = document()["paths"].get(path, {}).get(method.lower())
+    if operation is None or status < 400:
+        return None
+    media = operation["responses"].get(str(status), {}).get("content", {}).get("application/json", {})
+    return set(media.get("examples", {})) or None
+
+
 def check_response(response: httpx.Response) -> None:
     """Assert that ``response`` is one the document promises for its request (see the module docstring)."""
     request = response.request
@@ -71,6 +80,12 @@ def check_response(response: httpx.Response) -> None:
         raise ContractError(
             f"{request.method} {request.url.path} {response.status_code}: body breaks "
             f"{schema['$ref'].rsplit('/', 1)[-1]} at {where}: {errors[0].message}"
+        )
+    codes = documented_codes(request.method, request.url.path, response.status_code)
+    if codes is not None and body["error"] not in codes:
+        raise ContractError(
+            f"{request.method} {request.url.path} {response.status_code}: error code {body['error']!r} "
+            f"is not documented for this status ({sorted(codes)})"
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.contract import ContractError, check_response, contract_client, document
+from tests.contract import ContractError, check_response, contract_client, document, documented_codes
 from tests.serving_fixtures import Server, make_bundle, png_bytes, start_server
 
 TOKEN = "contract-token-0123456789"
@@ -195,7 +195,21 @@ def _schemathesis(server: Server, headers: dict[str, str]) -> tuple[list[str], C
         status_code_conformance,
     )
 
+    @schemathesis.check
+    def documented_error_code(ctx: Any, response: Any, case: Any) -> bool | None:
+        """An error's ``error`` code is one the document lists for that route and status."""
+        codes = documented_codes(case.method, case.operation.path, response.status_code)
+        if codes is None:
+            return None
+        code = response.json().get("error")
+        if code not in codes:
+            raise AssertionError(
+                f"error code {code!r} is not documented for {response.status_code}: {sorted(codes)}"
+            )
+        return True
+
     checks = [
+        documented_error_code,
         not_a_server_error,
         status_code_conformance,
         content_type_conformance,
