@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serving_fixtures import Server, free_port, make_bundle, png_bytes, start_server
+from tests.serving_fixtures import Server, free_port, one_worker_env, png_bytes, start_server
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yml"
@@ -142,13 +142,7 @@ def test_kubernetes_manifests_validate_against_the_schemas() -> None:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("deploy")
-    env = {
-        "FLATPROMPT_BUNDLE": str(make_bundle(root / "bundle")),
-        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{root}/registry.db",
-        "FLATPROMPT_PROVIDERS": "CPUExecutionProvider",
-        "FLATPROMPT_WORKERS": "1",
-    }
-    srv = start_server(root / "run", env)
+    srv = start_server(root / "run", one_worker_env(root))
     yield srv
     srv.stop()
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.contract import ContractError, check_response, contract_client, document, documented_codes
-from tests.serving_fixtures import Server, make_bundle, png_bytes, start_server
+from tests.serving_fixtures import Server, one_worker_env, png_bytes, start_server
 
 TOKEN = "contract-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -125,17 +125,14 @@ def test_service_apis_are_the_documented_routes() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("contract")
-    env = {
-        "FLATPROMPT_BUNDLE": str(make_bundle(root / "bundle")),
-        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{root}/registry.db",
-        "FLATPROMPT_TOKEN": TOKEN,
-        "FLATPROMPT_PROVIDERS": "CPUExecutionProvider",
-        "FLATPROMPT_WORKERS": "1",
-        "FLATPROMPT_THREADS": "2",
-        "FLATPROMPT_MAX_BODY_BYTES": str(1024 * 1024),
-        "FLATPROMPT_MAX_IMAGES_PER_REQUEST": "4",
-        "FLATPROMPT_MAX_REGISTERED_CLASSES": "200",
-    }
+    env = one_worker_env(
+        root,
+        TOKEN=TOKEN,
+        THREADS="2",
+        MAX_BODY_BYTES=str(1024 * 1024),
+        MAX_IMAGES_PER_REQUEST="4",
+        MAX_REGISTERED_CLASSES="200",
+    )
     srv = start_server(root / "run", env)
     yield srv
     srv.stop()
