@@ -132,9 +132,8 @@ def _png(image: Image.Image) -> bytes:
 
 def served(args: argparse.Namespace) -> int:
     """The same measurement through HTTP: register over /register, classify over /classify."""
-    import tempfile
-
     import sys
+    import tempfile
 
     import httpx
 

@@ -42,6 +42,7 @@ from serving import readiness
 from serving.config import ServeConfig, service_settings
 from serving.errors import ServeError
 from serving.limits import GuardMiddleware, harden_multipart_parsing
+from serving.openapi import DocsMiddleware, openapi_document
 
 with bentoml.importing():
     import anyio
@@ -63,7 +64,18 @@ with bentoml.importing():
         StoredClass,
     )
     from serving.runtime.bundle import Bundle
-    from serving.schemas import ClassifyResponse
+    from serving.schemas import (
+        ClassesRequest,
+        ClassesResponse,
+        ClassifyBase64Request,
+        ClassifyRequest,
+        ClassifyResponse,
+        RegisterImagesRequest,
+        RegisterRequest,
+        RegisterResponse,
+        UnregisterRequest,
+        UnregisterResponse,
+    )
     from serving.scoring import REGISTERED, TRAINED, ClassIndex
 
 _logger = logging.getLogger(__name__)
@@ -102,7 +114,10 @@ def _error_response(error: ServeError) -> JSONResponse:
     traffic={"timeout": _SETTINGS.request_timeout_s + 10},  # our own deadline (GuardMiddleware) fires first
 )
 class FlatPrompt:
-    """Classifies images into the bundle's trained classes plus class names registered at run time."""
+    """Classifies images into the bundle's trained classes plus class names registered at run time.
+
+    The docs page and ``/docs.json`` document this service from :mod:`serving.openapi`.
+    """
 
     def __init__(self) -> None:
         self._ready = False
@@ -214,7 +229,7 @@ class FlatPrompt:
         return image, text
 
     # -- endpoints -----------------------------------------------------------------------------
-    @bentoml.api
+    @bentoml.api(input_spec=ClassifyRequest)
     async def classify(
         self,
         images: list[Path],
@@ -222,20 +237,18 @@ class FlatPrompt:
         candidates: list[str] | None = None,
         tau: float = 0.0,
     ) -> ClassifyResponse:
-        """Classify uploaded image files (multipart ``images``, repeatable) into the top-k classes.
+        """Classify uploaded image files into the top-k classes, one result per image in request order.
 
-        Args:
-            images: one or more image files (JPEG, PNG, WebP, GIF, BMP).
-            top_k: labels returned per image.
-            candidates: optional subset of class names to choose from (unknown names answer 404).
-            tau: post-hoc logit adjustment strength (0 = off), using the trained class counts.
+        A multipart form: one `images` part per file; `top_k`, `candidates` and `tau` are JSON values
+        (`top_k=3`, `candidates=["red circle", "blue triangle"]`). Probabilities are a softmax over the
+        classes scored (all trained and registered classes, or `candidates`).
         """
         try:
             return await self._classify(list(images), None, top_k, candidates, tau)
         except ServeError as error:
             return cast(ClassifyResponse, _error_response(error))
 
-    @bentoml.api
+    @bentoml.api(input_spec=ClassifyBase64Request)
     async def classify_base64(
         self,
         images: list[str],
@@ -243,29 +256,29 @@ class FlatPrompt:
         candidates: list[str] | None = None,
         tau: float = 0.0,
     ) -> ClassifyResponse:
-        """Like ``classify``, with images as base64 strings (or ``data:`` URLs) in a JSON body."""
+        """Like `/classify`, with the images as base64 strings (or `data:` URLs) in a JSON body."""
         try:
             return await self._classify(None, images, top_k, candidates, tau)
         except ServeError as error:
             return cast(ClassifyResponse, _error_response(error))
 
-    @bentoml.api
+    @bentoml.api(input_spec=RegisterRequest)
     def register(
         self,
         names: list[str],
         templates: list[str] | None = None,
         examples: dict[str, list[str]] | None = None,
         text_weight: float | None = None,
-    ) -> dict[str, Any]:
-        """Register novel class names (needs the bearer token); idempotent.
+    ) -> RegisterResponse:
+        """Register novel class names; idempotent. Needs `Authorization: Bearer <FLATPROMPT_TOKEN>`.
 
         Each name is embedded with the bundle's text encoder (learned context included). With
-        ``templates`` (each with one ``{}``), the normalised embeddings of all templates are averaged
-        and renormalised. ``examples`` maps a name to example images (base64 or ``data:`` URLs): the
-        class prototype is then the normalised blend ``text_weight * text + (1 - text_weight) * mean
-        image embedding`` (``text_weight`` null: 1 / (1 + sqrt(K)) for K examples; 0: images alone).
-        Examples add to those already stored. Status per name: ``created``, ``updated``, ``unchanged``
-        or ``trained`` (already a trained class; nothing stored).
+        `templates` (each with one `{}`), the normalised embeddings of all templates are averaged and
+        renormalised. `examples` maps a name to example images (base64 or `data:` URLs): the class
+        prototype is then the normalised blend `text_weight * text + (1 - text_weight) * mean image
+        embedding` (`text_weight` null: 1 / (1 + sqrt(K)) for K examples; 0: the images alone). Examples
+        add to those already stored. Status per name: `created`, `updated`, `unchanged` or `trained`
+        (already a trained class; nothing stored). Every worker sees the new classes on its next request.
         """
         try:
             decoded = None
@@ -275,38 +288,39 @@ class FlatPrompt:
                     name: [decode_base64(item, i, cap) for i, item in enumerate(items)]
                     for name, items in examples.items()
                 }
-            return self._register(names, templates, decoded, text_weight)
+            return RegisterResponse.model_validate(self._register(names, templates, decoded, text_weight))
         except ServeError as error:
-            return cast(dict[str, Any], _error_response(error))
+            return cast(RegisterResponse, _error_response(error))
 
-    @bentoml.api
+    @bentoml.api(input_spec=RegisterImagesRequest)
     def register_images(
         self,
         name: str,
         images: list[Path],
         templates: list[str] | None = None,
         text_weight: float | None = None,
-    ) -> dict[str, Any]:
-        """Register (or extend) one class from example images (multipart ``images``, repeatable; bearer token).
+    ) -> RegisterResponse:
+        """Register (or extend) one class from example images (multipart). Needs the bearer token.
 
-        Like ``register`` with ``examples={name: images}``: the prototype blends the name's text embedding
-        with the mean embedding of every example stored for the class.
+        Like `/register` with `examples={name: images}`: the prototype blends the name's text embedding
+        with the mean embedding of every example stored for the class (`text_weight` 0: images alone).
         """
         try:
-            return self._register([name], templates, {name: [_read_upload(p) for p in images]}, text_weight)
+            uploads = {name: [_read_upload(p) for p in images]}
+            return RegisterResponse.model_validate(self._register([name], templates, uploads, text_weight))
         except ServeError as error:
-            return cast(dict[str, Any], _error_response(error))
+            return cast(RegisterResponse, _error_response(error))
 
-    @bentoml.api
-    def unregister(self, name: str) -> dict[str, Any]:
-        """Delete one registered class (needs the bearer token); trained classes cannot be deleted (409)."""
+    @bentoml.api(input_spec=UnregisterRequest)
+    def unregister(self, name: str) -> UnregisterResponse:
+        """Delete one registered class. Needs the bearer token; trained classes cannot be deleted (409)."""
         try:
-            return self._unregister(name)
+            return UnregisterResponse.model_validate(self._unregister(name))
         except ServeError as error:
-            return cast(dict[str, Any], _error_response(error))
+            return cast(UnregisterResponse, _error_response(error))
 
-    @bentoml.api
-    def classes(self, kind: Literal["all", "trained", "registered"] = "all") -> dict[str, Any]:
+    @bentoml.api(input_spec=ClassesRequest)
+    def classes(self, kind: Literal["all", "trained", "registered"] = "all") -> ClassesResponse:
         """List the classes: trained ones with their training counts, registered ones with templates."""
         try:
             index = self._refresh_index()
@@ -327,9 +341,9 @@ class FlatPrompt:
                     }
                     for c in self._registered.values()
                 ]
-            return out
+            return ClassesResponse.model_validate(out)
         except ServeError as error:
-            return cast(dict[str, Any], _error_response(error))
+            return cast(ClassesResponse, _error_response(error))
 
     # -- classification ------------------------------------------------------------------------
     async def _run(self, fn: Any, stop: threading.Event | None = None) -> Any:
@@ -806,5 +820,16 @@ def _read_upload(path: Path) -> bytes:
         raise ServeError(400, "invalid_image", f"unreadable upload: {exc.strerror}") from None
 
 
+def _openapi() -> dict[str, Any]:
+    """The OpenAPI document of this service (``serving/openapi.py``), for the configured bundle."""
+    try:
+        digest = bundle_hash(resolve_bundle_dir(ServeConfig.from_env()))
+    except Exception:  # no bundle: the worker does not start anyway; keep the docs page answering
+        digest = "unknown"
+    apis = cast(Any, FlatPrompt).apis
+    return openapi_document({name: api.func.__doc__ for name, api in apis.items()}, bundle_hash=digest)
+
+
 # The decorator returns a bentoml Service, which mypy sees as the plain class.
 cast(Any, FlatPrompt).add_asgi_middleware(GuardMiddleware)
+cast(Any, FlatPrompt).add_asgi_middleware(DocsMiddleware, document=_openapi)

@@ -247,6 +247,19 @@ def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
+def one_worker_env(root: Path, **settings: str) -> dict[str, str]:
+    """``FLATPROMPT_*`` settings of a one-worker CPU server over a fresh synthetic bundle and SQLite registry
+    in ``root``; ``settings`` (``TOKEN="..."``) add or override ``FLATPROMPT_<NAME>`` variables."""
+    env = {
+        "FLATPROMPT_BUNDLE": str(make_bundle(root / "bundle")),
+        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{root}/registry.db",
+        "FLATPROMPT_PROVIDERS": "CPUExecutionProvider",
+        "FLATPROMPT_WORKERS": "1",
+    }
+    env.update({f"FLATPROMPT_{name}": value for name, value in settings.items()})
+    return env
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.contract import check_response
 from tests.serving_fixtures import Server, make_bundle, start_server
 
 IMAGE_SIZE = 336
@@ -79,6 +80,7 @@ def test_the_largest_allowed_request_succeeds(server: Server) -> None:
     assert 0.85 * MAX_BODY < total < MAX_BODY
     files = [("images", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
     response = httpx.post(server.url + "/classify", files=files, timeout=120)
+    check_response(response)
     assert response.status_code == 200, response.text
     assert len(response.json()["results"]) == MAX_IMAGES
 
@@ -89,6 +91,7 @@ def test_a_full_queue_answers_503_at_once_not_a_timeout(server: Server) -> None:
     def one(_: int) -> tuple[int, float, str | None, dict[str, str]]:
         started = time.perf_counter()
         r = httpx.post(server.url + "/classify", files=body, timeout=60)
+        check_response(r)  # the 503 is a documented status with the error model and Retry-After
         payload = r.json()
         return r.status_code, time.perf_counter() - started, payload.get("error"), dict(r.headers)
 
@@ -170,6 +173,7 @@ def test_classify_through_the_batcher_matches_the_bundle(server: Server, tmp_pat
     response = httpx.post(
         server.url + "/classify", files=[("images", ("r.jpg", buf.getvalue(), "image/jpeg"))], timeout=60
     )
+    check_response(response)
     assert response.status_code == 200
     top = response.json()["results"][0]["labels"][0]
     expected = bundle.logits(bundle.embed_images(bundle.decode(buf.getvalue())[None]))[0]

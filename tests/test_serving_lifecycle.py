@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.contract import checked
 from tests.serving_fixtures import (
     REPO,
     Postgres,
@@ -42,17 +43,17 @@ RED = (220, 20, 20)
 
 def _register(url: str, names: list[str], token: str | None = TOKEN) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.post(url + "/register", json={"names": names}, headers=headers, timeout=60)
+    return checked(httpx.post(url + "/register", json={"names": names}, headers=headers, timeout=60))
 
 
 def _classify(url: str, candidates: list[str] | None = None) -> httpx.Response:
     data = {"candidates": json.dumps(candidates)} if candidates is not None else {}
     files = [("images", ("red.png", png_bytes(RED), "image/png"))]
-    return httpx.post(url + "/classify", files=files, data=data, timeout=60)
+    return checked(httpx.post(url + "/classify", files=files, data=data, timeout=60))
 
 
 def _registered(url: str) -> set[str]:
-    body = httpx.post(url + "/classes", json={"kind": "registered"}, timeout=60).json()
+    body = checked(httpx.post(url + "/classes", json={"kind": "registered"}, timeout=60)).json()
     return {c["name"] for c in body["registered"]}
 
 
@@ -131,7 +132,7 @@ def test_two_services_share_one_postgres(pg_services: tuple[Server, Server]) -> 
         response = _classify(b.url, [name])  # the other service, right after the response
         assert response.status_code == 200, response.text
         assert response.json()["results"][0]["labels"][0]["name"] == name
-    deleted = httpx.post(a.url + "/unregister", json={"name": name}, headers=AUTH, timeout=60)
+    deleted = checked(httpx.post(a.url + "/unregister", json={"name": name}, headers=AUTH, timeout=60))
     assert deleted.status_code == 200
     gone = _classify(b.url, [name])
     assert gone.status_code == 404 and gone.json()["error"] == "unknown_class"
@@ -143,7 +144,7 @@ def test_mutations_refused_without_a_token(pg_services: tuple[Server, Server]) -
         response = _register(b.url, ["should-not-exist"], token=token)
         assert response.status_code == 403, response.text
         assert response.json()["error"] == "mutations_disabled"
-    response = httpx.post(b.url + "/unregister", json={"name": "x"}, headers=AUTH, timeout=60)
+    response = checked(httpx.post(b.url + "/unregister", json={"name": "x"}, headers=AUTH, timeout=60))
     assert response.status_code == 403
     assert "should-not-exist" not in _registered(b.url)
 

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.contract import contract_client
 from tests.serving_fixtures import Server, make_bundle, png_bomb, png_bytes, start_server, wait_for_workers
 
 pytestmark = pytest.mark.server
@@ -57,7 +58,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture()
 def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with contract_client(server.url) as client:
         yield client
 
 
@@ -191,7 +192,7 @@ def test_registration_is_visible_on_every_worker_at_once(server: Server) -> None
     workers: set[str] = set()
 
     def classify_fresh(name: str) -> str:
-        with httpx.Client(base_url=server.url, timeout=60) as c:  # a fresh connection: any worker
+        with contract_client(server.url) as c:  # a fresh connection: any worker
             response = _classify(c, png_bytes(RED), candidates=[name])
         assert response.status_code == 200, response.text
         assert response.json()["results"][0]["labels"][0]["name"] == name
@@ -199,7 +200,7 @@ def test_registration_is_visible_on_every_worker_at_once(server: Server) -> None
 
     for i in range(6):
         name = f"visible-{i}"
-        with httpx.Client(base_url=server.url, timeout=60) as c:
+        with contract_client(server.url) as c:
             assert c.post("/register", json={"names": [name]}, headers=AUTH).status_code == 200
         # 8 at once right after the registration: while one worker is busy the other must accept, so both
         # answer (sequential connections can all land on the same idle worker)
@@ -213,7 +214,7 @@ def test_registration_racing_classification(server: Server) -> None:
     stop = threading.Event()
 
     def classify_loop() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as c:
+        with contract_client(server.url) as c:
             while not stop.is_set():
                 response = _classify(c, png_bytes(GREEN), top_k=100)
                 if response.status_code != 200:
@@ -221,12 +222,12 @@ def test_registration_racing_classification(server: Server) -> None:
 
     def register_then_use(i: int) -> None:
         name = f"race-{i}"
-        with httpx.Client(base_url=server.url, timeout=60) as c:
+        with contract_client(server.url) as c:
             response = c.post("/register", json={"names": [name, f"race-extra-{i}"]}, headers=AUTH)
             if response.status_code != 200:
                 errors.append(response.text)
                 return
-        with httpx.Client(base_url=server.url, timeout=60) as c:  # new connection, any worker
+        with contract_client(server.url) as c:  # new connection, any worker
             response = _classify(c, png_bytes(RED), candidates=[name])
             if response.status_code != 200 or response.json()["results"][0]["labels"][0]["name"] != name:
                 errors.append(f"{name}: {response.status_code} {response.text}")
