@@ -131,6 +131,7 @@ ROUTES: dict[str, Route] = {
                 "invalid_image",
                 "no_images",
                 "invalid_text_weight",
+                "invalid_text_path",
             ),
             409: ("registry_full", "conflict", "trained_class"),
             413: (
@@ -158,6 +159,7 @@ ROUTES: dict[str, Route] = {
                 "invalid_template",
                 "template_too_long",
                 "invalid_text_weight",
+                "invalid_text_path",
             ),
             409: ("registry_full", "conflict", "trained_class"),
             413: ("too_many_examples", "example_too_large", "image_too_large", "too_many_templates"),
@@ -219,6 +221,8 @@ ERROR_MESSAGES = {
     "trained_class": "'red circle' is a trained class; only registered classes can be deleted",
     "invalid_examples": "examples for 'okapi', which is not among the names",
     "invalid_text_weight": "text_weight must be between 0 and 1 (or null: automatic)",
+    "invalid_text_path": "text_path 'handwritten' is not available with this bundle (it offers ['learned']); "
+    "re-export it with the current `python -m export` for the hand-written paths",
     "too_many_examples": "17 examples for 'okapi', the limit is 16 per class",
     "example_too_large": "example image 0 has 5000000 bytes, the limit is 4194304",
 }

@@ -6,12 +6,14 @@ PostgreSQL (``postgresql://user@host:port/db``, through psycopg 3).
 Tables (created on first use, ``CREATE TABLE IF NOT EXISTS``)::
 
     flatprompt_classes(key PK, name, templates JSON, embedding BLOB/BYTEA float32 LE, embed_dim,
-                       bundle_hash, created_at, updated_at, text_weight NULL | REAL)
+                       bundle_hash, created_at, updated_at, text_weight NULL | REAL,
+                       text_path NULL | TEXT)
     flatprompt_examples(key, sha256, data BLOB/BYTEA, bytes, created_at; PK (key, sha256))
     flatprompt_meta(id = 1, version)          -- bumped by every committed change
 
 A class registered with example images keeps them (``flatprompt_examples``, the encoded files as
-uploaded, deduplicated by sha256) and its blend weight (``text_weight``; NULL = text only), so a new
+uploaded, deduplicated by sha256) and its blend weight (``text_weight``; NULL = text only); every class
+keeps the text path its name was embedded with (``text_path``; NULL = learned), so a new
 bundle re-embeds it from the same inputs. Registries created before examples existed are migrated
 at open (the table is created, the column added).
 
@@ -76,6 +78,7 @@ class StoredClass:
     bundle_hash: str  # bundle the embedding was computed with
     created_at: float  # epoch seconds
     text_weight: float | None = None  # blend weight of the text embedding; None = no example images
+    text_path: str = "learned"  # how the name was embedded: learned | handwritten | ensemble
     examples: int = 0  # example images stored for the class
 
 
@@ -96,6 +99,7 @@ class StaleRow:
     templates: tuple[str, ...]
     text_weight: float | None
     examples: tuple[bytes, ...]
+    text_path: str = "learned"
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class NewClass:
     text_weight: float | None = None
     examples: tuple[Example, ...] = ()
     example_set: frozenset[str] = frozenset()
+    text_path: str = "learned"
 
 
 # status values returned by Registry.upsert, per requested class
@@ -224,9 +229,11 @@ class Registry:
                 " created_at DOUBLE PRECISION NOT NULL,"
                 " PRIMARY KEY (key, sha256))"
             )
-            if "text_weight" not in self._columns(cur, CLASSES_TABLE):  # registries from before examples
-                cur.execute(f"ALTER TABLE {CLASSES_TABLE} ADD COLUMN text_weight DOUBLE PRECISION")
-                _logger.info("registry migrated: %s.text_weight added", CLASSES_TABLE)
+            columns = self._columns(cur, CLASSES_TABLE)
+            for column, kind in (("text_weight", "DOUBLE PRECISION"), ("text_path", "TEXT")):
+                if column not in columns:  # a registry from before examples / text paths
+                    cur.execute(f"ALTER TABLE {CLASSES_TABLE} ADD COLUMN {column} {kind}")
+                    _logger.info("registry migrated: %s.%s added", CLASSES_TABLE, column)
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {META_TABLE} ("
                 " id INTEGER PRIMARY KEY CHECK (id = 1),"
@@ -258,7 +265,8 @@ class Registry:
                 version = int(row[0]) if row else 0
                 cur.execute(
                     f"SELECT c.key, c.name, c.templates, c.embedding, c.embed_dim, c.bundle_hash, c.created_at,"
-                    f" c.text_weight, (SELECT COUNT(*) FROM {EXAMPLES_TABLE} e WHERE e.key = c.key)"
+                    f" c.text_weight, (SELECT COUNT(*) FROM {EXAMPLES_TABLE} e WHERE e.key = c.key),"
+                    " c.text_path"
                     f" FROM {CLASSES_TABLE} c ORDER BY c.created_at, c.key"
                 )
                 rows = cur.fetchall()
@@ -272,6 +280,7 @@ class Registry:
                     created_at=float(r[6]),
                     text_weight=None if r[7] is None else float(r[7]),
                     examples=int(r[8]),
+                    text_path=r[9] or "learned",
                 )
                 for r in rows
             )
@@ -319,18 +328,22 @@ class Registry:
         ph = self.placeholder
         now = time.time()
         with self._lock, self._write_tx() as cur:
-            existing: dict[str, tuple[str, str, float | None]] = {}
+            existing: dict[str, tuple[str, str, float | None, str]] = {}
             stored_sets: dict[str, set[str]] = {}
             keys = [c.key for c in classes]
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
                 marks = ", ".join([ph] * len(chunk))
                 cur.execute(
-                    f"SELECT key, templates, bundle_hash, text_weight FROM {CLASSES_TABLE} WHERE key IN ({marks})",
+                    f"SELECT key, templates, bundle_hash, text_weight, text_path FROM {CLASSES_TABLE}"
+                    f" WHERE key IN ({marks})",
                     chunk,
                 )
                 existing.update(
-                    {r[0]: (r[1], r[2], None if r[3] is None else float(r[3])) for r in cur.fetchall()}
+                    {
+                        r[0]: (r[1], r[2], None if r[3] is None else float(r[3]), r[4] or "learned")
+                        for r in cur.fetchall()
+                    }
                 )
                 cur.execute(f"SELECT key, sha256 FROM {EXAMPLES_TABLE} WHERE key IN ({marks})", chunk)
                 for key, sha in cur.fetchall():
@@ -345,6 +358,7 @@ class Registry:
                     and existing[c.key][:2] == (templates_json, bundle_hash)
                     and wanted == stored
                     and (not stored or existing[c.key][2] == c.text_weight)
+                    and existing[c.key][3] == c.text_path
                 )
                 if same_inputs:
                     statuses.append(UNCHANGED)
@@ -370,7 +384,8 @@ class Registry:
                 if status == CREATED:
                     cur.execute(
                         f"INSERT INTO {CLASSES_TABLE} (key, name, templates, embedding, embed_dim,"
-                        f" bundle_hash, created_at, updated_at, text_weight) VALUES ({', '.join([ph] * 9)})",
+                        f" bundle_hash, created_at, updated_at, text_weight, text_path)"
+                        f" VALUES ({', '.join([ph] * 10)})",
                         (
                             c.key,
                             c.name,
@@ -381,13 +396,24 @@ class Registry:
                             now,
                             now,
                             weight,
+                            c.text_path,
                         ),
                     )
                 else:
                     cur.execute(
                         f"UPDATE {CLASSES_TABLE} SET templates = {ph}, embedding = {ph}, embed_dim = {ph},"
-                        f" bundle_hash = {ph}, updated_at = {ph}, text_weight = {ph} WHERE key = {ph}",
-                        (templates_json, blob, int(c.embedding.size), bundle_hash, now, weight, c.key),
+                        f" bundle_hash = {ph}, updated_at = {ph}, text_weight = {ph}, text_path = {ph}"
+                        f" WHERE key = {ph}",
+                        (
+                            templates_json,
+                            blob,
+                            int(c.embedding.size),
+                            bundle_hash,
+                            now,
+                            weight,
+                            c.text_path,
+                            c.key,
+                        ),
                     )
                 for order, example in enumerate(c.examples):  # created_at keeps the upload order
                     cur.execute(
@@ -427,7 +453,7 @@ class Registry:
         def select() -> list[tuple[Any, ...]]:
             with self._read_tx() as cur:
                 cur.execute(
-                    f"SELECT key, name, templates, bundle_hash, text_weight FROM {CLASSES_TABLE}"
+                    f"SELECT key, name, templates, bundle_hash, text_weight, text_path FROM {CLASSES_TABLE}"
                     f" WHERE bundle_hash <> {ph} OR embed_dim <> {ph}",
                     (bundle_hash, embed_dim),
                 )
@@ -444,6 +470,7 @@ class Registry:
                 templates=tuple(json.loads(r[2])),
                 text_weight=None if r[4] is None else float(r[4]),
                 examples=tuple(e.data for e in self.examples(r[0])) if r[4] is not None else (),
+                text_path=r[5] or "learned",
             )
             for r in stale
         ]

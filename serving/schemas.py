@@ -103,6 +103,13 @@ class RegisterRequest(_Request):
         "1 / (1 + sqrt(K)) for K examples; 0: the images alone (the name is only the label)",
         examples=[None],
     )
+    text_path: Literal["learned", "handwritten", "ensemble"] | None = Field(
+        None,
+        description="how the name is embedded: learned (the bundle's text encoder with its learned context), "
+        "handwritten (the frozen text tower over the hand-written template, as zero-shot CLIP), ensemble "
+        "(the normalised mean of both); null: the class's own, else the bundle's measured default",
+        examples=[None],
+    )
 
 
 class RegisterImagesRequest(_Request):
@@ -118,6 +125,13 @@ class RegisterImagesRequest(_Request):
     )
     text_weight: float | None = Field(
         None, ge=0.0, le=1.0, description="as in /register; null: 1 / (1 + sqrt(K))", examples=[None]
+    )
+    text_path: Literal["learned", "handwritten", "ensemble"] | None = Field(
+        None,
+        description="how the name is embedded: learned (the bundle's text encoder with its learned context), "
+        "handwritten (the frozen text tower over the hand-written template, as zero-shot CLIP), ensemble "
+        "(the normalised mean of both); null: the class's own, else the bundle's measured default",
+        examples=[None],
     )
 
 
@@ -237,6 +251,9 @@ class RegisteredClass(BaseModel):
     examples: int = Field(0, ge=0, description="example images stored for the class")
     text_weight: float | None = Field(
         None, description="weight of the text embedding in its prototype; null: text only (no examples)"
+    )
+    text_path: Literal["learned", "handwritten", "ensemble"] = Field(
+        "learned", description="how its name was embedded"
     )
 
 

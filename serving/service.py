@@ -81,6 +81,7 @@ with bentoml.importing():
 _logger = logging.getLogger(__name__)
 _SETTINGS = service_settings()  # import time: the decorators below need these
 TEXT_CHUNK = 256  # prompts per text-encoder call
+TEXT_GRAPHS = ("learned", "handwritten")  # the text batcher's row flag: which graph embeds the row
 INLINE_SCORE_CELLS = 64 * 1024  # classes x images scored on the event loop (about 0.1 ms); more: a thread
 
 EXAMPLE_NAMES = ["okapi", "snow leopard"]
@@ -139,6 +140,10 @@ class FlatPrompt:
         )
         self.provider: str = self.bundle.provider
         self.precision: str = str(getattr(self.bundle, "precision", "fp32"))
+        # how /register embeds a name unless asked otherwise: the path the exporter measured best on the toy
+        # world's novel classes (manifest prompt.default_text_path), when this bundle offers it
+        measured = str(self.bundle.manifest.get("prompt", {}).get("default_text_path") or "learned")
+        self.default_text_path = measured if measured in self.bundle.text_paths else "learned"
         self.provider_ok = self.config.require_provider in (None, self.provider)
         if not self.provider_ok:
             reason = _provider_reason(
@@ -218,8 +223,20 @@ class FlatPrompt:
             max_queue_items=max(settings.max_queue_items, settings.max_batch_size),
             **hooks("image"),
         )
+
+        def text_fn(rows: np.ndarray) -> np.ndarray:
+            # column 0 says which graph a row goes through (TEXT_GRAPHS); mixed batches run both
+            out = np.empty((len(rows), int(self.bundle.embed_dim)), np.float32)
+            for flag, path in enumerate(TEXT_GRAPHS):
+                mask = rows[:, 0] == flag
+                if mask.any():
+                    out[mask] = self.bundle.embed_token_ids(
+                        rows[mask, 1:], batch_size=TEXT_CHUNK, text_path=path
+                    )
+            return out
+
         text = DynamicBatcher(
-            lambda ids: self.bundle.embed_token_ids(ids, batch_size=TEXT_CHUNK),
+            text_fn,
             name="text",
             max_batch_size=TEXT_CHUNK,
             max_queue_delay_s=0.0,  # no announcements: a text batch is whatever queued during the last
@@ -269,6 +286,7 @@ class FlatPrompt:
         templates: list[str] | None = None,
         examples: dict[str, list[str]] | None = None,
         text_weight: float | None = None,
+        text_path: Literal["learned", "handwritten", "ensemble"] | None = None,
     ) -> RegisterResponse:
         """Register novel class names; idempotent. Needs `Authorization: Bearer <FLATPROMPT_TOKEN>`.
 
@@ -288,7 +306,8 @@ class FlatPrompt:
                     name: [decode_base64(item, i, cap) for i, item in enumerate(items)]
                     for name, items in examples.items()
                 }
-            return RegisterResponse.model_validate(self._register(names, templates, decoded, text_weight))
+            response = self._register(names, templates, decoded, text_weight, text_path)
+            return RegisterResponse.model_validate(response)
         except ServeError as error:
             return cast(RegisterResponse, _error_response(error))
 
@@ -299,6 +318,7 @@ class FlatPrompt:
         images: list[Path],
         templates: list[str] | None = None,
         text_weight: float | None = None,
+        text_path: Literal["learned", "handwritten", "ensemble"] | None = None,
     ) -> RegisterResponse:
         """Register (or extend) one class from example images (multipart). Needs the bearer token.
 
@@ -307,7 +327,8 @@ class FlatPrompt:
         """
         try:
             uploads = {name: [_read_upload(p) for p in images]}
-            return RegisterResponse.model_validate(self._register([name], templates, uploads, text_weight))
+            response = self._register([name], templates, uploads, text_weight, text_path)
+            return RegisterResponse.model_validate(response)
         except ServeError as error:
             return cast(RegisterResponse, _error_response(error))
 
@@ -338,6 +359,7 @@ class FlatPrompt:
                         "created_at": c.created_at,
                         "examples": c.examples,
                         "text_weight": c.text_weight,
+                        "text_path": c.text_path,
                     }
                     for c in self._registered.values()
                 ]
@@ -509,44 +531,76 @@ class FlatPrompt:
             return stored.embedding
         cache_key = (stored.key, stored.templates, stored.bundle_hash)
         if cache_key not in self._foreign:
-            if stored.examples:
-                row = StaleRow(
-                    stored.key,
-                    stored.name,
-                    stored.templates,
-                    stored.text_weight,
-                    tuple(e.data for e in self.registry.examples(stored.key)),
-                )
-                self._foreign[cache_key] = self._embed_rows([row])[0]
-            else:
-                self._foreign[cache_key] = self._embed([stored.name], stored.templates)[0]
+            examples = tuple(e.data for e in self.registry.examples(stored.key)) if stored.examples else ()
+            row = StaleRow(
+                stored.key, stored.name, stored.templates, stored.text_weight, examples, stored.text_path
+            )
+            self._foreign[cache_key] = self._embed_rows([row])[0]
         return self._foreign[cache_key]
 
-    def _embed(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-        """Normalised ``[N, E]`` text embeddings; several templates are averaged then renormalised."""
+    def _embed(
+        self, names: Sequence[str], templates: Sequence[str], text_path: str = "learned"
+    ) -> np.ndarray:
+        """Normalised ``[N, E]`` text embeddings; several templates are averaged then renormalised.
+
+        ``text_path``: ``learned`` (the bundle's text graph, learned context included), ``handwritten``
+        (the frozen tower without it, the templates without their placeholder words) or ``ensemble``
+        (the normalised mean of the two).
+        """
+        if text_path == "ensemble":
+            both = self._embed(names, templates, "learned") + self._embed(names, templates, "handwritten")
+            return both / np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
+        flag = TEXT_GRAPHS.index(text_path)
         outs = []
         for start in range(0, len(names), TEXT_CHUNK):
             chunk = list(names[start : start + TEXT_CHUNK])
             total = None
             variants: list[str | None] = list(templates) if templates else [None]
             for template in variants:
-                ids = self.bundle.tokenize([self.bundle.prompt_text(n, template) for n in chunk])
-                emb = self.text_batcher.run_sync(ids)
+                if text_path == "learned":
+                    prompts = [self.bundle.prompt_text(n, template) for n in chunk]
+                else:
+                    hand = self._handwritten(template)
+                    prompts = [hand.format(n) for n in chunk]
+                ids = self.bundle.tokenize(prompts)
+                rows = np.concatenate([np.full((len(ids), 1), flag, ids.dtype), ids], axis=1)
+                emb = self.text_batcher.run_sync(rows)
                 total = emb if total is None else total + emb
             assert total is not None
             total /= np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
             outs.append(total)
         return np.concatenate(outs) if outs else np.zeros((0, int(self.bundle.embed_dim)), np.float32)
 
+    def _handwritten(self, template: str | None) -> str:
+        """The hand-written prompt for the frozen text tower: a client template without the placeholder
+        words a prompt-tuned bundle needs, or the bundle's hand-written template."""
+        if template is None:
+            return str(self.bundle.handwritten_template)
+        prefix = " ".join([str(self.bundle.placeholder)] * int(self.bundle.n_ctx)) + " "
+        return template.removeprefix(prefix) if int(self.bundle.n_ctx) > 0 else template
+
+    def _text_path(self, requested: str | None, known: StoredClass | None) -> str:
+        """The text path of a registration: as asked, else the class's own, else the bundle's default."""
+        path = requested or (known.text_path if known is not None else self.default_text_path)
+        if path not in self.bundle.text_paths:
+            raise ServeError(
+                400,
+                "invalid_text_path",
+                f"text_path {path!r} is not available with this bundle (it offers {list(self.bundle.text_paths)}); "
+                "re-export it with the current `python -m export` for the hand-written paths",
+            )
+        return path
+
     def _embed_rows(self, rows: Sequence[StaleRow]) -> np.ndarray:
-        """Embed stored rows (re-embedding for a new bundle): text rows grouped by templates, rows with
-        example images blended with them as at registration."""
+        """Embed stored rows (re-embedding for a new bundle): text rows grouped by templates and text path,
+        rows with example images blended with them as at registration."""
         out = np.zeros((len(rows), int(self.bundle.embed_dim)), np.float32)
-        groups: dict[tuple[str, ...], list[int]] = {}
+        groups: dict[tuple[tuple[str, ...], str], list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(row.templates, []).append(i)
-        for templates, idx in groups.items():
-            out[idx] = self._embed([rows[i].name for i in idx], templates)
+            path = row.text_path if row.text_path in self.bundle.text_paths else "learned"
+            groups.setdefault((row.templates, path), []).append(i)
+        for (templates, path), idx in groups.items():
+            out[idx] = self._embed([rows[i].name for i in idx], templates, path)
         for i, row in enumerate(rows):
             if row.examples and row.text_weight is not None:
                 pixels = self._example_pixels(list(row.examples))
@@ -583,6 +637,7 @@ class FlatPrompt:
         templates: list[str] | None,
         examples: dict[str, list[bytes]] | None = None,
         text_weight: float | None = None,
+        text_path: str | None = None,
     ) -> dict[str, Any]:
         limits = self.config.limits
         if not names:
@@ -631,22 +686,30 @@ class FlatPrompt:
                 continue
             known = self._registered.get(key)
             weight = text_weight if text_weight is not None or known is None else known.text_weight
+            path = self._text_path(text_path, known)
             if (
                 known is None
                 or known.templates != tpl
                 or known.bundle_hash != self.bundle_hash
                 or key in new_examples
                 or (known.examples and weight != known.text_weight)
+                or known.text_path != path
             ):
                 need.add(len(todo))
-            todo.append(NewClass(key, name, tpl, None, weight, new_examples.get(key, ())))
+            new = NewClass(key, name, tpl, None, weight, new_examples.get(key, ()), text_path=path)
+            todo.append(new)
         statuses: list[str] = []
         for _ in range(3):  # a concurrent change can turn an "unchanged" row into one to embed
             if need:
-                ordered = sorted(need)
-                vectors = self._embed([todo[i].name for i in ordered], tpl)
-                for i, vec in zip(ordered, vectors, strict=True):
-                    todo[i] = self._with_examples(dataclasses.replace(todo[i], embedding=vec), text_weight)
+                by_path: dict[str, list[int]] = {}
+                for i in sorted(need):
+                    by_path.setdefault(todo[i].text_path, []).append(i)
+                for path, ordered in by_path.items():
+                    vectors = self._embed([todo[i].name for i in ordered], tpl, path)
+                    for i, vec in zip(ordered, vectors, strict=True):
+                        todo[i] = self._with_examples(
+                            dataclasses.replace(todo[i], embedding=vec), text_weight
+                        )
             try:
                 statuses = self.registry.upsert(todo, self.bundle_hash, limits.max_registered_classes)
             except RegistryFullError as exc:
@@ -791,9 +854,12 @@ class FlatPrompt:
                 raise RuntimeError(
                     f"image encoder warm-up returned {out.shape}, expected ({n}, {self.bundle.embed_dim})"
                 )
-        text = self._embed(EXAMPLE_NAMES, ())
-        if text.shape != (len(EXAMPLE_NAMES), int(self.bundle.embed_dim)) or not np.all(np.isfinite(text)):
-            raise RuntimeError(f"text encoder warm-up returned {text.shape}")
+        for path in self.bundle.text_paths:
+            text = self._embed(EXAMPLE_NAMES, (), path)
+            if text.shape != (len(EXAMPLE_NAMES), int(self.bundle.embed_dim)) or not np.all(
+                np.isfinite(text)
+            ):
+                raise RuntimeError(f"text encoder warm-up ({path}) returned {text.shape}")
 
 
 def _provider_reason(active: str, required: str, libraries: str) -> str:

@@ -258,3 +258,116 @@ def test_register_from_images_end_to_end(tmp_path: Path) -> None:
     }
     conn.close()
     assert hashes == {bundle_hash(tmp_path / "b2")}  # rewritten for the new bundle
+
+
+# -- text paths -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tuned_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prompt-tuned tiny bundle (learned context + the hand-written graph), exported through the CLI."""
+    from export.cli import main as export_main
+    from tests.export_fixtures import (
+        CLASS_COUNTS,
+        CLASS_NAMES,
+        load_tiny,
+        make_prompted,
+        tiny_weights,
+        write_checkpoint,
+    )
+
+    root = tmp_path_factory.mktemp("tuned")
+    loaded = load_tiny(tiny_weights(root / "w.pt"))
+    ckpt = write_checkpoint(
+        root / "run" / "checkpoint.pt", loaded, make_prompted(loaded), CLASS_NAMES, CLASS_COUNTS
+    )
+    out = root / "bundle"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(out), "--log-level", "WARNING"]) == 0
+    return out
+
+
+def _stored(db: Path) -> dict[str, tuple[np.ndarray, str]]:
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT key, embedding, text_path FROM flatprompt_classes").fetchall()
+    conn.close()
+    return {key: (np.frombuffer(blob, "<f4"), path) for key, blob, path in rows}
+
+
+@pytest.mark.server
+def test_each_text_path_embeds_a_name_as_the_bundle_does(tuned_bundle: Path, tmp_path: Path) -> None:
+    from serving.runtime.bundle import Bundle
+
+    bundle = Bundle.load(tuned_bundle, providers=["CPUExecutionProvider"])
+    assert bundle.text_paths == ("learned", "handwritten", "ensemble")
+    db = tmp_path / "reg.db"
+    env = {
+        "FLATPROMPT_BUNDLE": str(tuned_bundle),
+        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{db}",
+        "FLATPROMPT_TOKEN": TOKEN,
+    }
+    names = {"learned": "okapi", "handwritten": "zebra", "ensemble": "giraffe"}
+    with running_server(tmp_path / "s", env) as server:
+        for path, name in names.items():
+            r = httpx.post(
+                server.url + "/register", json={"names": [name], "text_path": path}, headers=AUTH, timeout=60
+            )
+            assert r.status_code == 200 and r.json()["classes"][0]["status"] == "created", r.text
+        listed = _registered(server.url)
+        assert {n: listed[n]["text_path"] for n in names.values()} == {n: p for p, n in names.items()}
+        stored = _stored(db)
+        for path, name in names.items():
+            expected = bundle.embed_texts([name], text_path=path)[0]
+            np.testing.assert_allclose(stored[name][0], expected, atol=1e-5, err_msg=path)
+            assert stored[name][1] == path
+        assert not np.allclose(
+            stored["okapi"][0], bundle.embed_texts(["okapi"], text_path="handwritten")[0], atol=1e-3
+        )
+        # a client template: the learned path gets the placeholders, the hand-written one does not
+        r = httpx.post(
+            server.url + "/register",
+            json={"names": ["zebra"], "templates": ["a blurry photo of a {}."], "text_path": "handwritten"},
+            headers=AUTH,
+            timeout=60,
+        )
+        assert r.json()["classes"][0]["status"] == "updated", r.text
+        expected = bundle.embed_texts(["zebra"], "a blurry photo of a {}.", text_path="handwritten")[0]
+        np.testing.assert_allclose(_stored(db)["zebra"][0], expected, atol=1e-5)
+        # switching a class's path re-embeds it; leaving text_path out keeps the class's own
+        r = httpx.post(
+            server.url + "/register",
+            json={"names": ["okapi"], "text_path": "ensemble"},
+            headers=AUTH,
+            timeout=60,
+        )
+        assert r.json()["classes"][0]["status"] == "updated"
+        r = httpx.post(server.url + "/register", json={"names": ["okapi"]}, headers=AUTH, timeout=60)
+        assert r.json()["classes"][0]["status"] == "unchanged"
+
+
+@pytest.mark.server
+def test_a_bundle_without_the_handwritten_graph_refuses_those_paths(
+    tmp_path: Path, tuned_bundle: Path
+) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tuned_bundle, old)
+    (old / "text_encoder_handwritten.onnx").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["files"]["text_encoder_handwritten.onnx"], manifest["prompt"]["handwritten_template"]
+    manifest.get("graphs", {}).pop("text_encoder_handwritten", None)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    env = {
+        "FLATPROMPT_BUNDLE": str(old),
+        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{tmp_path}/r.db",
+        "FLATPROMPT_TOKEN": TOKEN,
+    }
+    with running_server(tmp_path / "s", env) as server:
+        r = httpx.post(
+            server.url + "/register",
+            json={"names": ["okapi"], "text_path": "handwritten"},
+            headers=AUTH,
+            timeout=60,
+        )
+        assert r.status_code == 400 and r.json()["error"] == "invalid_text_path"
+        assert "re-export" in r.json()["message"]
+        r = httpx.post(server.url + "/register", json={"names": ["okapi"]}, headers=AUTH, timeout=60)
+        assert r.status_code == 200  # the learned path, as before
