@@ -34,7 +34,9 @@ class PromptConfig(_Strict):
     ctx_init: str | None = "a photo of a"  # phrase to initialise ctx from; null = random N(0, 0.02^2)
     vpt_length: int = Field(4, ge=0, le=200)  # visual prompt tokens per prompted block (0: off)
     vpt_deep: bool = True  # prompts before every block (deep) or only the first (shallow)
-    template: str = "a photo of a {}."  # used for zero-shot evaluation and when n_ctx = 0
+    # the hand-written prompt: zero-shot evaluation, the text side when n_ctx = 0, and KgCoOp's reference
+    # features (loss.kg_weight; KgCoOp uses one template per dataset, "a photo of a {}." for most)
+    template: str = "a photo of a {}."
 
 
 class DataConfig(_Strict):
@@ -99,6 +101,12 @@ class ReweightConfig(_Strict):
     tau: float = Field(1.0, ge=0)  # logit adjustment temperature
 
 
+class LossConfig(_Strict):
+    # KgCoOp (Yao et al., CVPR 2023): + kg_weight * (1 - mean_c cos(t_c, t_c^hand)) over the training
+    # classes, t^hand = the frozen text tower over prompt.template; 0 = off; KgCoOp's recipes use 8.0
+    kg_weight: float = Field(0.0, ge=0)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(6, ge=1)
     warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine to 0 (per step)
@@ -130,6 +138,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     reweight: ReweightConfig = ReweightConfig()
+    loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -139,6 +148,11 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"optim.accumulation={self.optim.accumulation} does not compose with two-pass optimizer "
                 f"'{self.optim.name}' (each micro-batch would need its own ascent step): set it to 1"
+            )
+        if self.loss.kg_weight > 0 and self.prompt.n_ctx == 0:
+            raise ValueError(
+                f"loss.kg_weight={self.loss.kg_weight} regularises a learned text context, but prompt.n_ctx is 0 "
+                "(the text side is the hand-written template already): set prompt.n_ctx > 0 or loss.kg_weight=0"
             )
         if self.prompt.n_ctx == 0 and self.prompt.vpt_length == 0:
             raise ValueError("nothing to train: set prompt.n_ctx > 0 and/or prompt.vpt_length > 0")

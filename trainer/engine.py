@@ -43,10 +43,11 @@ AutocastFactory = Callable[[], contextlib.AbstractContextManager[None]]
 
 @dataclass
 class StepOutput:
-    loss: float  # mean loss of the (first) forward pass
+    loss: float  # mean loss of the (first) forward pass, regulariser included
     correct: int
     count: int
     skipped: bool = False  # the GradScaler found inf/NaN and skipped the update
+    regulariser: float | None = None  # the text regulariser's value in the (first) forward pass
 
 
 def autocast_factory(device: torch.device, precision: str) -> AutocastFactory:
@@ -77,10 +78,14 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     autocast: AutocastFactory = contextlib.nullcontext,
     grad_clip: float | None = None,
+    regulariser: nn.Module | None = None,
 ) -> StepOutput:
     """One optimizer step over one or more micro-batches (gradient accumulation: one-pass optimizers only).
 
-    ``model`` maps images to logits (a :class:`PromptedCLIP`, possibly wrapped in DDP).
+    ``model`` maps images to logits (a :class:`PromptedCLIP`, possibly wrapped in DDP). ``regulariser`` maps
+    the class text features of the forward pass to a scalar added to the loss (KgCoOp's term,
+    :mod:`trainer.kgcoop`) in every pass, so two-pass optimizers form their ascent from it too; with k
+    micro-batches each adds 1/k of it.
     """
     sharp: SharpnessOptimizer | None = optimizer if isinstance(optimizer, SharpnessOptimizer) else None
     passes = sharp.passes if sharp is not None else 1
@@ -97,27 +102,38 @@ def train_step(
     # the sum of the weights of all its labels), so k micro-batches give the gradient of one batch
     step_norm = _step_normaliser(loss_fn, [labels for _, labels in micro_batches]) if k > 1 else None
 
-    def forward_backward(images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[float, int]:
+    def forward_backward(
+        images: torch.Tensor, labels: torch.Tensor, sync: bool
+    ) -> tuple[float, int, float | None]:
         ctx = cast(DDP, model).no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+        reg_value: float | None = None
         with ctx:
             with autocast():
-                logits = model(images)
+                if regulariser is None:
+                    logits = model(images)
+                else:
+                    logits, text = model(images, return_text=True)
             if step_norm is None:
                 loss = loss_fn(logits.float(), labels)
             else:
                 loss = _summed_loss(loss_fn, logits.float(), labels) / step_norm
+            if regulariser is not None:
+                reg = regulariser(text.float())
+                reg_value = float(reg.detach())
+                loss = loss + reg / k
             (scaler.scale(loss) if scaler is not None else loss).backward()
         correct = int((logits.detach().argmax(-1) == labels).sum())
-        return float(loss.detach()), correct
+        return float(loss.detach()), correct, reg_value
 
     optimizer.zero_grad(set_to_none=True)
     if sharp is not None and sharp.perturb_before_forward:
         sharp.first_step()  # GNM: theta <- theta + eps before the only forward
 
     losses, correct, count = [], 0, 0
+    reg_value: float | None = None
     if passes == 2:
         images, labels = micro_batches[0]
-        loss, correct = forward_backward(images, labels, sync=False)
+        loss, correct, reg_value = forward_backward(images, labels, sync=False)
         losses.append(loss)
         count = len(labels)
         assert sharp is not None
@@ -125,15 +141,16 @@ def train_step(
             # fp16 overflow in the ascent pass: nothing was perturbed; skip like GradScaler would
             optimizer.zero_grad(set_to_none=True)
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-            return StepOutput(loss, correct, count, skipped=True)
+            return StepOutput(loss, correct, count, skipped=True, regulariser=reg_value)
         sharp.first_step(zero_grad=True, grad_scale=scaler.get_scale() if scaler is not None else 1.0)
         forward_backward(images, labels, sync=not sharp.local_final_grad)
     else:
         for i, (images, labels) in enumerate(micro_batches):
-            loss, c = forward_backward(images, labels, sync=(i == k - 1))
+            loss, c, r = forward_backward(images, labels, sync=(i == k - 1))
             losses.append(loss)
             correct += c
             count += len(labels)
+            reg_value = r if reg_value is None else reg_value
 
     if scaler is not None:
         scaler.unscale_(base)
@@ -152,7 +169,7 @@ def train_step(
     else:
         base.step()
     # k > 1: the micro-batch terms add up to the whole step's loss
-    return StepOutput(float(np.sum(losses)) if k > 1 else losses[0], correct, count, skipped)
+    return StepOutput(float(np.sum(losses)) if k > 1 else losses[0], correct, count, skipped, reg_value)
 
 
 def _summed_loss(loss_fn: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -196,6 +213,7 @@ class EpochStats:
     accuracy: float
     steps: int
     skipped: int
+    regulariser: float | None = None  # mean over the steps of the text regulariser's value
 
 
 def train_one_epoch(
@@ -212,16 +230,27 @@ def train_one_epoch(
     accumulation: int = 1,
     progress: bool = True,
     description: str = "train",
+    regulariser: nn.Module | None = None,
 ) -> EpochStats:
     model.train()
     total_loss, total_correct, total_count, steps, skipped = 0.0, 0, 0, 0, 0
+    reg_values: list[float] = []
     bar = tqdm(_chunks(loader, accumulation), desc=description, disable=not progress, leave=False)
     for group in bar:
         batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in group]
         out = train_step(
-            model, batches, loss_fn, optimizer, scaler=scaler, autocast=autocast, grad_clip=grad_clip
+            model,
+            batches,
+            loss_fn,
+            optimizer,
+            scaler=scaler,
+            autocast=autocast,
+            grad_clip=grad_clip,
+            regulariser=regulariser,
         )
         scheduler.step()
+        if out.regulariser is not None:
+            reg_values.append(out.regulariser)
         total_loss += out.loss * out.count
         total_correct += out.correct
         total_count += out.count
@@ -233,6 +262,7 @@ def train_one_epoch(
         accuracy=total_correct / max(1, total_count),
         steps=steps,
         skipped=skipped,
+        regulariser=float(np.mean(reg_values)) if reg_values else None,
     )
 
 

@@ -179,10 +179,14 @@ class PromptedCLIP(nn.Module):
 
     # ------------------------------------------------------------------------------------------ towers
 
-    def encode_token_ids(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Prompt token ids [N, L] -> normalised text features [N, E], learned ctx at positions 1..M."""
+    def encode_token_ids(self, tokens: torch.Tensor, learned: bool = True) -> torch.Tensor:
+        """Prompt token ids [N, L] -> normalised text features [N, E], learned ctx at positions 1..M.
+
+        ``learned=False`` runs the plain frozen text tower over the tokens as they are (the hand-written
+        path, used for KgCoOp's reference features).
+        """
         x = ca.embed_tokens(self.clip, tokens)  # [N, L, W]
-        if self.ctx is not None:
+        if self.ctx is not None and learned:
             length = tokens.shape[1]
             pos = torch.arange(length, device=tokens.device)
             mask = ((pos >= 1) & (pos <= self.n_ctx)).view(1, length, 1)  # [1, L, 1]
@@ -199,6 +203,16 @@ class PromptedCLIP(nn.Module):
     def encode_names(self, names: list[str]) -> torch.Tensor:
         return self.encode_token_ids(self.tokenize(names).to(self._device()))
 
+    def encode_template(self, names: list[str], template: str) -> torch.Tensor:
+        """Normalised features [N, E] of the hand-written ``template.format(name)`` through the frozen text
+        tower, without the learned context (what zero-shot CLIP uses)."""
+        if "{}" not in template:
+            raise UserError(f"prompt template '{template}' has no '{{}}' for the class name")
+        if not names:
+            raise UserError("the class list is empty: give at least one class name")
+        tokens = self.tokenizer([template.format(n) for n in names]).to(self._device())
+        return self.encode_token_ids(tokens, learned=False)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         prompts = self.visual_prompts.per_layer() if self.visual_prompts is not None else None
         return ca.normalize(ca.encode_image_prompted(self.clip, images, prompts))
@@ -207,8 +221,15 @@ class PromptedCLIP(nn.Module):
         out = self.logit_scale * image_features @ text_features.t()  # [B, C]
         return out + self.logit_bias if self.logit_bias is not None else out
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C] over ``class_names`` (set with :meth:`set_class_names`)."""
+    def forward(
+        self, images: torch.Tensor, return_text: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C] over ``class_names`` (set with :meth:`set_class_names`); with ``return_text``, also
+        the class text features [C, E] they were computed with (for a text-side regulariser such as
+        KgCoOp's, so that it shares this forward's graph instead of running the text tower again)."""
         if self.class_tokens.shape[0] == 0:
             raise RuntimeError("set_class_names() must be called before forward()")
-        return self.logits(self.encode_image(images), self.encode_token_ids(self.class_tokens))
+        image = self.encode_image(images)  # [B, E]
+        text = self.encode_token_ids(self.class_tokens)  # [C, E]
+        logits = self.logits(image, text)
+        return (logits, text) if return_text else logits

@@ -31,6 +31,7 @@ from trainer.data.sampling import carve_validation
 from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_cosine
 from trainer.errors import UserError
 from trainer.evaluation import evaluation_summary, write_per_class_csv, write_summary_json
+from trainer.kgcoop import build_kg_regulariser
 from trainer.metrics import ShotThresholds, harmonic_mean, thresholds_rule
 from trainer.models import LoadedClip, ModelIdentity, PreprocessSpec, load_clip, load_toy_clip
 from trainer.optim import GNM, build_optimizer
@@ -380,6 +381,8 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
             "for a new run, or --set train.resume=false to start this folder over"
         )
     model.set_class_names(task.class_names)
+    # KgCoOp's reference: the frozen text tower over the hand-written template, once, for the training classes
+    kg = build_kg_regulariser(model, task.class_names, cfg.prompt.template, cfg.loss.kg_weight)
     spec = loaded.preprocess
     thresholds = ShotThresholds(cfg.eval.many_above, cfg.eval.few_below)
 
@@ -515,6 +518,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
             accumulation=o.accumulation,
             progress=progress,
             description=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            regulariser=kg,
         )
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -524,6 +528,10 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
             "reweight_active": bool(getattr(loss_fn, "active", False)),
             "noise_factor": optimizer.noise_factor if isinstance(optimizer, GNM) else None,
             "skipped_steps": stats.skipped,
+            # KgCoOp: 1 - mean cos(learned, hand-written) of the training classes (mean over the steps)
+            "kg_distance": stats.regulariser / kg.weight
+            if kg is not None and stats.regulariser is not None
+            else None,
             "seconds": round(time.time() - t0, 3),
         }
         is_last = epoch + 1 == cfg.train.epochs
