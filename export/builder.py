@@ -27,7 +27,7 @@ from export.tokenizer import tokenizer_manifest, write_pretokenizer_json, write_
 from serving.runtime import bundle as rt
 from serving.runtime.preprocess import PreprocessConfig
 from trainer.errors import UserError
-from trainer.prompts import PromptedCLIP
+from trainer.prompts import ZERO_SHOT_TEMPLATE, PromptedCLIP
 
 _logger = logging.getLogger(__name__)
 
@@ -120,6 +120,26 @@ def _encode_names_torch(model: PromptedCLIP, names: list[str]) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
 
 
+def handwritten_template(source: ExportSource) -> str:
+    """The hand-written prompt of the ``handwritten`` text path: a zero-shot model's own template, else the
+    run's ``prompt.template`` (``"a photo of a {}."`` when the checkpoint does not record one)."""
+    if source.model.n_ctx == 0:
+        return source.model.template
+    tpl = source.handwritten_template or ZERO_SHOT_TEMPLATE
+    if "{}" not in tpl:
+        raise UserError(f"the hand-written template {tpl!r} has no '{{}}' for the class name")
+    return tpl
+
+
+def _text_graph_entry(fp32: str, fp16: str | None, context_length: int, embed_dim: int) -> dict[str, Any]:
+    return {
+        "fp32": fp32,
+        "fp16": fp16,
+        "input": {"name": rt.TEXT_INPUT, "dtype": "int64", "shape": ["N", context_length]},
+        "output": {"name": rt.OUTPUT, "dtype": "float32", "shape": ["N", embed_dim], "l2_normalised": True},
+    }
+
+
 def _base_manifest(
     source: ExportSource, options: ExportOptions, pre: PreprocessConfig, context_length: int, embed_dim: int
 ) -> dict[str, Any]:
@@ -129,6 +149,11 @@ def _base_manifest(
 
     model = source.model
     ident = source.identity
+    graph_entries: dict[str, Any] = {}
+    if model.n_ctx > 0:  # the frozen text tower without the learned context: the "handwritten" text path
+        graph_entries["text_encoder_handwritten"] = _text_graph_entry(
+            rt.TEXT_ENCODER_HANDWRITTEN, None, context_length, embed_dim
+        )
     return {
         "format_version": rt.FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -166,6 +191,8 @@ def _base_manifest(
             "placeholder": "X",
             "vpt_length": int(getattr(model, "vpt_length", 0)),
             "vpt_deep": bool(getattr(model, "vpt_deep", False)) and int(getattr(model, "vpt_length", 0)) > 0,
+            # the "handwritten" text path: this template through the frozen tower without the learned context
+            "handwritten_template": handwritten_template(source),
         },
         "tokenizer": tokenizer_manifest(context_length, rt.TOKENIZER, rt.PRETOKENIZER),
         "preprocess": pre.to_manifest(),
@@ -186,17 +213,10 @@ def _base_manifest(
                     "l2_normalised": True,
                 },
             },
-            "text_encoder": {
-                "fp32": rt.TEXT_ENCODER,
-                "fp16": rt.TEXT_ENCODER_FP16 if options.fp16 else None,
-                "input": {"name": rt.TEXT_INPUT, "dtype": "int64", "shape": ["N", context_length]},
-                "output": {
-                    "name": rt.OUTPUT,
-                    "dtype": "float32",
-                    "shape": ["N", embed_dim],
-                    "l2_normalised": True,
-                },
-            },
+            "text_encoder": _text_graph_entry(
+                rt.TEXT_ENCODER, rt.TEXT_ENCODER_FP16 if options.fp16 else None, context_length, embed_dim
+            ),
+            **graph_entries,
         },
         "parity": {},
         "files": {},
@@ -262,6 +282,19 @@ def _measure(
 
     ort_bank = bundle.embed_texts(names)
     result["class_bank_fp32"] = {"classes": len(names), "max_abs_diff": float(np.abs(ort_bank - bank).max())}
+
+    hand_tpl = handwritten_template(source)
+    if model.n_ctx > 0:
+        hand_inputs = [
+            model.tokenizer([hand_tpl.format(n) for n in (pool * b)[:b]]).numpy() for b in options.batch_sizes
+        ]
+        result["text_handwritten_fp32"] = parity.graph_parity(
+            lambda t: model.encode_token_ids(t, learned=False),
+            lambda x: bundle.embed_token_ids(x, text_path="handwritten"),
+            hand_inputs,
+            options.batch_sizes,
+        )
+    result["text_paths"] = parity.text_path_parity(model, bundle, pool, hand_tpl)
 
     with torch.no_grad():
         torch_img = model.encode_image(torch.from_numpy(img_inputs[-1])).float().numpy()
@@ -340,6 +373,17 @@ def export_bundle(
             "image_encoder": graphs.check_graph(tmp / rt.IMAGE_ENCODER),
             "text_encoder": graphs.check_graph(tmp / rt.TEXT_ENCODER),
         }
+        if model.n_ctx > 0:
+            hand = handwritten_template(source)
+            graphs.export_tower(
+                graphs.TextTower(model, learned=False),
+                model.tokenizer([hand.format(n) for n in (source.class_names * 2)[:2]]),
+                rt.TEXT_INPUT,
+                tmp / rt.TEXT_ENCODER_HANDWRITTEN,
+                opts.opset,
+                kind_txt,  # the exporter that worked for the learned graph
+            )
+            info["text_encoder_handwritten"] = graphs.check_graph(tmp / rt.TEXT_ENCODER_HANDWRITTEN)
         timings["onnx_export_s"] = time.perf_counter() - t0
 
         write_tokenizer_json(tmp / rt.TOKENIZER)

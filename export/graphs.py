@@ -3,7 +3,9 @@
 - ``image_encoder.onnx``: ``pixels`` float32 ``[N, 3, S, S]`` -> ``embeddings`` float32 ``[N, E]``
   (``PromptedCLIP.encode_image``: visual prompts baked in, L2-normalised);
 - ``text_encoder.onnx``: ``token_ids`` int64 ``[N, L]`` -> ``embeddings`` float32 ``[N, E]``
-  (``PromptedCLIP.encode_token_ids``: the learned context overwrites positions 1..M via mask + where).
+  (``PromptedCLIP.encode_token_ids``: the learned context overwrites positions 1..M via mask + where);
+- ``text_encoder_handwritten.onnx`` (prompt-tuned models): the same without the learned context, the frozen
+  text tower over the hand-written prompt's ids (``encode_token_ids(..., learned=False)``).
 
 The batch axis is dynamic. Export happens in fp32 on the CPU (a CUDA/half model gives mixed-dtype graphs);
 fp16 files are converted afterwards with ``keep_io_types=True`` (inputs and outputs stay float32).
@@ -48,14 +50,15 @@ class ImageTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """``token_ids -> embeddings`` of a PromptedCLIP (learned context included)."""
+    """``token_ids -> embeddings`` of a PromptedCLIP (learned context included unless ``learned`` is False)."""
 
-    def __init__(self, prompted: nn.Module) -> None:
+    def __init__(self, prompted: nn.Module, learned: bool = True) -> None:
         super().__init__()
         self.prompted = prompted
+        self.learned = learned
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.prompted.encode_token_ids(token_ids)  # type: ignore[operator]
+        return self.prompted.encode_token_ids(token_ids, learned=self.learned)  # type: ignore[operator]
 
 
 def _param_bytes(module: nn.Module) -> int:

@@ -8,6 +8,9 @@ export fails, nothing is written) when one is outside its tolerance.
 - tokenizer: the runtime's ids must equal open_clip's for every class prompt and a set of hard strings;
 - preprocessing: the runtime's pixels against open_clip's own eval transform;
 - class bank: the stored (torch) class embeddings against the ONNX text graph through the runtime;
+- text paths: ``Bundle.embed_texts(names, text_path=...)`` for ``learned`` / ``handwritten`` / ``ensemble``
+  against the matching torch path (learned context; the hand-written template without it; their normalised
+  mean), and the hand-written graph at batch sizes 1, 2 and 5;
 - top-1: the class picked for each parity image by torch and by onnxruntime;
 - fp16: measured in a child process (a crash must not take the exporter down): on CUDA when onnxruntime
   has it, else on the CPU provider at ``ORT_ENABLE_EXTENDED`` (``ORT_ENABLE_ALL`` crashes fp16 graphs on the
@@ -253,6 +256,22 @@ def fp16_parity(
     return {"status": "not measured on CPU", "reason": "; ".join(reasons)}
 
 
+def text_path_parity(
+    model: Any, bundle: Any, names: Sequence[str], handwritten_template: str
+) -> dict[str, Any]:
+    """Max abs diff of ``bundle.embed_texts(names, text_path=p)`` against the torch path ``p`` for each of
+    learned / handwritten / ensemble (``model`` a ``PromptedCLIP``)."""
+    with torch.no_grad():
+        learned = model.encode_names(list(names)).float()
+        hand = model.encode_template(list(names), handwritten_template).float()
+        ensemble = torch.nn.functional.normalize(learned + hand, dim=-1)
+    refs = {"learned": learned.numpy(), "handwritten": hand.numpy(), "ensemble": ensemble.numpy()}
+    out: dict[str, Any] = {"names": len(names)}
+    for path, ref in refs.items():
+        out[path] = {"max_abs_diff": _max_diff(ref, bundle.embed_texts(list(names), text_path=path))}
+    return out
+
+
 # --------------------------------------------------------------------------------------------- verdict
 
 
@@ -261,6 +280,14 @@ def check(parity: dict[str, Any], tol: float = FP32_TOL, fp16_tol: float = FP16_
     problems: list[str] = []
     for key in ("image_fp32", "text_fp32", "class_bank_fp32"):
         d = parity.get(key, {}).get("max_abs_diff")
+        if d is None or not np.isfinite(d) or d > tol:
+            problems.append(f"{key} max abs diff {d} > {tol}")
+    optional = {"text_handwritten_fp32": parity.get("text_handwritten_fp32")}
+    for path, entry in (parity.get("text_paths") or {}).items():
+        if isinstance(entry, dict):
+            optional[f"text_paths.{path}"] = entry
+    for key, entry in optional.items():
+        d = entry.get("max_abs_diff") if entry else 0.0
         if d is None or not np.isfinite(d) or d > tol:
             problems.append(f"{key} max abs diff {d} > {tol}")
     tok = parity.get("tokenizer", {})

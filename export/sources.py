@@ -34,6 +34,8 @@ class ExportSource:
         kind: ``prompt_tuned`` or ``zero_shot``.
         checkpoint, checkpoint_sha256: the training checkpoint, when there is one.
         extra: additional manifest ``source`` fields (epoch, ...).
+        handwritten_template: the hand-written prompt (``prompt.template`` of the run: zero-shot evaluation,
+            KgCoOp's reference), exported as the ``handwritten`` text path; None = ``"a photo of a {}."``.
     """
 
     model: PromptedCLIP
@@ -45,6 +47,7 @@ class ExportSource:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    handwritten_template: str | None = None
 
     def __post_init__(self) -> None:
         check_class_names(self.class_names, "the class list")
@@ -125,6 +128,7 @@ def from_checkpoint(
         checkpoint=str(Path(ckpt["_path"]).resolve()),
         checkpoint_sha256=run.checkpoint_sha256,
         extra={"epoch": run.epoch, "novel_class_names": list(run.novel_class_names)},
+        handwritten_template=((ckpt.get("config") or {}).get("prompt") or {}).get("template"),
     )
 
 
@@ -140,6 +144,7 @@ def from_loaded_clip(loaded: LoadedClip, class_names: list[str], template: str) 
         identity=loaded.identity,
         preprocess=loaded.preprocess,
         kind=ZERO_SHOT,
+        handwritten_template=template,
     )
 
 

@@ -117,7 +117,10 @@ def test_manifest_lists_every_file_with_its_checksum(tuned_bundle):
         "placeholder": "X",
         "vpt_length": 2,
         "vpt_deep": True,
+        "handwritten_template": "a photo of a {}.",
     }
+    assert "text_encoder_handwritten.onnx" in on_disk
+    assert manifest["graphs"]["text_encoder_handwritten"]["fp32"] == "text_encoder_handwritten.onnx"
     assert manifest["preprocess"]["exif_transpose"] is False
     assert manifest["onnx"]["exporter"] == "dynamo"
     par = manifest["parity"]
@@ -165,6 +168,65 @@ def test_new_class_names_get_the_learned_context(tuned, tuned_bundle):
     with pytest.raises(ValueError, match="learned context"):
         bundle.prompt_text("okapi", "a photo of a {}.")
     np.testing.assert_array_equal(bundle.tokenize(["X X X X okapi."]), model.tokenize(["okapi"]).numpy())
+
+
+def test_each_text_path_embeds_as_the_matching_torch_path(tuned, tuned_bundle):
+    from serving.runtime.bundle import TEXT_PATHS
+
+    bundle = _load(tuned_bundle)
+    model = tuned["model"]
+    assert bundle.text_paths == TEXT_PATHS and bundle.handwritten_template == "a photo of a {}."
+    names = [*CLASS_NAMES, "okapi", "Ünïcödé 名前"]
+    with torch.no_grad():
+        learned = model.encode_names(names)
+        # the hand-written path, computed independently of PromptedCLIP: open_clip's own encode_text
+        plain = model.clip.encode_text(model.tokenizer([f"a photo of a {n}." for n in names]))
+        hand = torch.nn.functional.normalize(plain, dim=-1)
+        ensemble = torch.nn.functional.normalize(learned + hand, dim=-1)
+    refs = {"learned": learned, "handwritten": hand, "ensemble": ensemble}
+    for path, ref in refs.items():
+        np.testing.assert_allclose(
+            bundle.embed_texts(names, text_path=path), ref.numpy(), atol=ATOL, err_msg=path
+        )
+    assert (learned - hand).abs().max() > 0.05  # two different paths, not one graph twice
+    manifest = bundle.manifest
+    assert set(manifest["parity"]["text_paths"]) == {"names", *TEXT_PATHS}
+    assert all(manifest["parity"]["text_paths"][p]["max_abs_diff"] <= 1e-4 for p in TEXT_PATHS)
+    assert manifest["parity"]["text_handwritten_fp32"]["batch_sizes"] == [1, 2, 5]
+    with pytest.raises(ValueError, match="text_path"):
+        bundle.embed_texts(names, text_path="zero-shot")
+    with pytest.raises(ValueError, match="no template"):
+        bundle.embed_texts(names, "a photo of a {}.", text_path="ensemble")
+
+
+def test_old_bundle_without_the_handwritten_graph_still_loads(tuned_bundle, tmp_path):
+    from serving.runtime.bundle import sha256_file
+
+    old = tmp_path / "old"
+    shutil.copytree(tuned_bundle, old)
+    (old / "text_encoder_handwritten.onnx").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["files"]["text_encoder_handwritten.onnx"], manifest["graphs"]["text_encoder_handwritten"]
+    del manifest["prompt"]["handwritten_template"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    bundle = _load(old, verify=True)
+    assert bundle.text_paths == ("learned",) and bundle.handwritten_template is None
+    assert bundle.embed_texts(["okapi"]).shape == (1, 32)
+    for path in ("handwritten", "ensemble"):
+        with pytest.raises(ValueError, match="re-export"):
+            bundle.embed_texts(["okapi"], text_path=path)
+    assert sha256_file(old / "text_encoder.onnx") == sha256_file(tuned_bundle / "text_encoder.onnx")
+
+
+def test_zero_shot_bundle_handwritten_path_is_its_own_graph(zero_shot_bundle):
+    bundle = _load(zero_shot_bundle)
+    assert "text_encoder_handwritten.onnx" not in bundle.manifest["files"]  # no second copy of the same graph
+    assert bundle.handwritten_template == "a drawing of a {}."
+    names = ["cat", "okapi"]
+    for path in ("handwritten", "ensemble"):
+        np.testing.assert_allclose(
+            bundle.embed_texts(names, text_path=path), bundle.embed_texts(names), atol=1e-6
+        )
 
 
 def test_bundle_preprocess_equals_open_clip_transform(tuned, tuned_bundle):

@@ -34,6 +34,8 @@ IMAGE_ENCODER = "image_encoder.onnx"
 TEXT_ENCODER = "text_encoder.onnx"
 IMAGE_ENCODER_FP16 = "image_encoder.fp16.onnx"
 TEXT_ENCODER_FP16 = "text_encoder.fp16.onnx"
+# optional: the frozen text tower without the learned context (prompt-tuned bundles, exporter >= issue 11)
+TEXT_ENCODER_HANDWRITTEN = "text_encoder_handwritten.onnx"
 CLASS_EMBEDDINGS = "class_embeddings.npy"
 CLASSES = "classes.json"
 TOKENIZER = "tokenizer.json"
@@ -45,6 +47,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEFAULT_PROVIDERS = (CUDA, CPU)
 PRECISIONS = ("auto", "fp32", "fp16")
+# how a class name is embedded: through the learned context, the hand-written template without it, or the
+# normalised mean of both
+TEXT_PATHS = ("learned", "handwritten", "ensemble")
 _GRAPH_OPT = ("disable", "basic", "extended", "all")
 _FIX = "re-export the bundle with `python -m export` (or copy it again)"
 
@@ -208,7 +213,10 @@ class Bundle:
       in use);
     - ``preprocess_config`` and ``tokenizer``;
     - ``gpu`` (:class:`~serving.runtime.gpu.PreloadReport` of the CUDA library preload) and ``cuda``
-      (``{"cuda", "cudnn"}`` versions in use; empty strings off CUDA).
+      (``{"cuda", "cudnn"}`` versions in use; empty strings off CUDA);
+    - ``handwritten_template`` (the hand-written prompt, e.g. ``"a photo of a {}."``; None for a tuned bundle
+      exported before it was recorded) and ``text_paths`` (the :data:`TEXT_PATHS` this bundle can embed
+      with: a tuned bundle needs ``text_encoder_handwritten.onnx`` for the hand-written ones).
     """
 
     def __init__(
@@ -223,6 +231,7 @@ class Bundle:
         class_embeddings: np.ndarray,
         providers: list[str],
         precision: str,
+        handwritten_session: Any = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -248,6 +257,14 @@ class Bundle:
         self.template = str(prompt["template"])
         self.n_ctx = int(prompt.get("n_ctx", 0))
         self.placeholder = str(prompt.get("placeholder", "X"))
+        # a zero-shot bundle's own template is hand-written, and its text graph has no learned context
+        hand = prompt.get("handwritten_template") or (self.template if self.n_ctx == 0 else None)
+        self.handwritten_template: str | None = None if hand is None else str(hand)
+        self._handwritten = handwritten_session if self.n_ctx > 0 else text_session
+        if handwritten_session is not None:
+            self.session_providers["text_encoder_handwritten"] = str(handwritten_session.get_providers()[0])
+        hand_ok = self._handwritten is not None and self.handwritten_template is not None
+        self.text_paths: tuple[str, ...] = TEXT_PATHS if hand_ok else ("learned",)
         self.preprocess_config = PreprocessConfig.from_manifest(manifest["preprocess"])
         self.image_size = self.preprocess_config.image_size
         # set by load(): what the CUDA library preload found, and the CUDA / cuDNN versions in use
@@ -344,6 +361,10 @@ class Bundle:
             image = _session(root / IMAGE_ENCODER, usable, opts)
         _check_io(image, IMAGE_INPUT, root / (IMAGE_ENCODER_FP16 if use_fp16 else IMAGE_ENCODER))
         _check_io(text, TEXT_INPUT, root / (TEXT_ENCODER_FP16 if use_fp16 else TEXT_ENCODER))
+        handwritten = None
+        if TEXT_ENCODER_HANDWRITTEN in files:  # fp32 only: one text graph more, small next to the image's
+            handwritten = _session(root / TEXT_ENCODER_HANDWRITTEN, usable, opts)
+            _check_io(handwritten, TEXT_INPUT, root / TEXT_ENCODER_HANDWRITTEN)
         bundle = cls(
             root,
             manifest,
@@ -355,6 +376,7 @@ class Bundle:
             emb,
             requested,
             "fp16" if use_fp16 else "fp32",
+            handwritten,
         )
         bundle.gpu = gpu
         bundle.cuda = cuda_versions(gpu.libraries) if bundle.provider == CUDA else {"cuda": "", "cudnn": ""}
@@ -398,26 +420,79 @@ class Bundle:
                 )
         return tpl.format(name)  # as PromptedCLIP.tokenize does
 
-    def embed_token_ids(self, token_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Token ids int64 ``[N, L]`` -> L2-normalised text embeddings float32 ``[N, E]``."""
+    def embed_token_ids(
+        self, token_ids: np.ndarray, batch_size: int = 256, text_path: str = "learned"
+    ) -> np.ndarray:
+        """Token ids int64 ``[N, L]`` -> L2-normalised text embeddings float32 ``[N, E]``.
+
+        ``text_path="learned"`` runs ``text_encoder.onnx``; ``"handwritten"`` the text tower without the
+        learned context (``text_encoder_handwritten.onnx``; the one graph of a zero-shot bundle).
+        """
+        if text_path not in ("learned", "handwritten"):
+            raise ValueError(
+                f"token ids go through the 'learned' or the 'handwritten' graph, not {text_path!r}"
+            )
         ids = np.asarray(token_ids)
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ValueError(f"token_ids must be [N, {self.context_length}], got {ids.shape}")
         ids = ids.astype(np.int64, copy=False)
-        return self._run(self._text, TEXT_INPUT, ids, batch_size)
+        session = self._text if text_path == "learned" else self._handwritten_session()
+        return self._run(session, TEXT_INPUT, ids, batch_size)
 
-    def embed_texts(self, names: list[str], template: str | None = None, batch_size: int = 256) -> np.ndarray:
-        """Class names -> L2-normalised text embeddings float32 ``[N, E]`` through ``text_encoder.onnx``.
+    def embed_texts(
+        self,
+        names: list[str],
+        template: str | None = None,
+        batch_size: int = 256,
+        text_path: str = "learned",
+    ) -> np.ndarray:
+        """Class names -> L2-normalised text embeddings float32 ``[N, E]``.
 
-        Each name is put into the prompt template (:meth:`prompt_text`), tokenised and encoded in batches
-        of ``batch_size``; a prompt-tuned bundle applies its learned context.
+        ``text_path`` (one of :data:`TEXT_PATHS`):
+
+        - ``learned``: each name in the prompt template (:meth:`prompt_text`; ``template`` overrides the
+          bundle's) through ``text_encoder.onnx``; a prompt-tuned bundle applies its learned context;
+        - ``handwritten``: ``handwritten_template.format(name)`` (``template`` overrides it) through the
+          frozen text tower without the learned context: what zero-shot CLIP would give;
+        - ``ensemble``: the L2-normalised mean of the two (bundle templates only).
+
+        Encoded in batches of ``batch_size``. A path the bundle cannot embed with (``text_paths``) is a
+        ``ValueError`` naming the fix.
         """
+        if text_path not in TEXT_PATHS:
+            raise ValueError(f"text_path {text_path!r} is not one of {TEXT_PATHS}")
         if isinstance(names, str):
             raise TypeError("names must be a list of strings, not a single string")
+        if text_path == "ensemble":
+            if template is not None:
+                raise ValueError("text_path 'ensemble' uses the bundle's two templates: pass no template")
+            self._handwritten_session()  # refuse before any work when the bundle cannot
+            both = self.embed_texts(names, None, batch_size, "learned")
+            both = both + self.embed_texts(names, None, batch_size, "handwritten")
+            norms = np.linalg.norm(both, axis=1, keepdims=True)
+            return np.ascontiguousarray(both / np.maximum(norms, 1e-12), dtype=np.float32)
         if not names:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
+        if text_path == "handwritten":
+            self._handwritten_session()
+            tpl = template if template is not None else self.handwritten_template
+            assert tpl is not None  # _handwritten_session() refuses bundles without one
+            if "{}" not in tpl:
+                raise ValueError(f"prompt template {tpl!r} has no '{{}}' for the class name")
+            return self.embed_token_ids(
+                self.tokenize([tpl.format(n) for n in names]), batch_size, "handwritten"
+            )
         texts = [self.prompt_text(n, template) for n in names]
         return self.embed_token_ids(self.tokenize(texts), batch_size)
+
+    def _handwritten_session(self) -> Any:
+        if "handwritten" not in self.text_paths:
+            raise ValueError(
+                f"bundle {self.path} has no hand-written text path ({TEXT_ENCODER_HANDWRITTEN} and "
+                "prompt.handwritten_template): it was exported before they existed; re-export it with "
+                "`python -m export`, or use text_path='learned'"
+            )
+        return self._handwritten
 
     # ------------------------------------------------------------------------------------------ images
 
