@@ -130,3 +130,17 @@ def test_fit_logs_the_distance(tmp_path, monkeypatch, tiny_clip):
     runner.fit(cfg, progress=False)
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 < record["kg_distance"] < 2
+
+
+@pytest.mark.parametrize(
+    "name", ["kgcoop_base2novel.yaml", "gcsam_kgcoop_base2novel.yaml", "toy_kgcoop_base2novel.yaml"]
+)
+def test_kgcoop_recipes_use_its_weight_on_a_text_context(name):
+    from pathlib import Path
+
+    from trainer.kgcoop import KGCOOP_WEIGHT
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / name)
+    assert cfg.loss.kg_weight == KGCOOP_WEIGHT == 8.0
+    assert cfg.prompt.n_ctx == 4 and cfg.prompt.ctx_init == "a photo of a" and cfg.prompt.vpt_length == 0
+    assert "{}" in cfg.prompt.template
