@@ -23,6 +23,7 @@ import io
 import logging
 import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-per-class", type=int, default=25)
     p.add_argument("--http", action="store_true", help="measure through a served bundle instead")
+    p.add_argument("--text-paths", nargs="*", default=[], help="with --http: also name-only per text path")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -130,6 +132,19 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def classify(client: Any, images: list[bytes], names: list[str], targets: list[int]) -> float:
+    """Top-1 of the served /classify over ``images`` (16 per request)."""
+    correct = 0
+    for start in range(0, len(images), 16):
+        idx = range(start, min(start + 16, len(images)))
+        files = [("images", (f"{j}.png", images[j], "image/png")) for j in idx]
+        r = client.post("/classify", files=files, data={"top_k": "1"})
+        r.raise_for_status()
+        for j, res in zip(idx, r.json()["results"], strict=True):
+            correct += res["labels"][0]["name"] == names[targets[j]]
+    return correct / len(images)
+
+
 def served(args: argparse.Namespace) -> int:
     """The same measurement through HTTP: register over /register, classify over /classify."""
     import sys
@@ -146,6 +161,7 @@ def served(args: argparse.Namespace) -> int:
     token = "bench-token"
     auth = {"Authorization": f"Bearer {token}"}
     results: dict[int, list[float]] = {}
+    by_path: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = {
             "FLATPROMPT_BUNDLE": str(Path(args.bundle).resolve()),
@@ -156,6 +172,13 @@ def served(args: argparse.Namespace) -> int:
         server = start_server(Path(tmp) / "server", env)
         try:
             client = httpx.Client(base_url=server.url, timeout=300)
+            for path in args.text_paths:  # name-only registration through each text path
+                client.post(
+                    "/register", json={"names": names, "text_path": path}, headers=auth
+                ).raise_for_status()
+                by_path[path] = classify(client, test_png, names, test.targets)
+                for n in names:
+                    client.post("/unregister", json={"name": n}, headers=auth).raise_for_status()
             for seed in args.seeds:
                 for k in [0, *args.shots]:
                     body: dict[str, object] = {"names": names}
@@ -168,17 +191,7 @@ def served(args: argparse.Namespace) -> int:
                         body["examples"] = per
                     r = client.post("/register", json=body, headers=auth)
                     r.raise_for_status()
-                    correct = 0
-                    for start in range(0, len(test_png), 16):
-                        files = [
-                            ("images", (f"{j}.png", test_png[j], "image/png"))
-                            for j in range(start, min(start + 16, len(test_png)))
-                        ]
-                        r = client.post("/classify", files=files, data={"top_k": "1"})
-                        r.raise_for_status()
-                        for j, res in zip(range(start, start + 16), r.json()["results"], strict=False):
-                            correct += res["labels"][0]["name"] == names[test.targets[j]]
-                    results.setdefault(k, []).append(correct / len(test_png))
+                    results.setdefault(k, []).append(classify(client, test_png, names, test.targets))
                     for n in names:  # start the next setting from nothing
                         client.post("/unregister", json={"name": n}, headers=auth).raise_for_status()
                     if k == 0 and seed != args.seeds[0]:
@@ -190,7 +203,13 @@ def served(args: argparse.Namespace) -> int:
         f"served {args.bundle} over HTTP; {len(names)} novel classes x {args.test_per_class} test images; "
         f"top-1 over every served class (trained + registered); seeds {args.seeds}\n"
     )
-    print("| registration | novel top-1 (served) |")
+    if by_path:
+        print("| name-only registration, text_path | novel top-1 (served) |")
+        print("| --- | --- |")
+        for path, acc in by_path.items():
+            print(f"| {path} | {100 * acc:.1f} |")
+        print()
+    print("| registration (the bundle's default text path) | novel top-1 (served) |")
     print("| --- | --- |")
     for k, vals in results.items():
         label = "name only" if k == 0 else f"name + {k} examples (w = {auto_text_weight(k):.2f})"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export import graphs, parity
+from export import graphs, parity, text_paths
 from export.sources import ExportSource
 from export.tokenizer import tokenizer_manifest, write_pretokenizer_json, write_tokenizer_json
 from serving.runtime import bundle as rt
@@ -49,6 +49,9 @@ class ExportOptions:
     parity_images: int = 12
     seed: int = 0
     exif_transpose: bool = False  # recorded in the manifest; False = open_clip's and the trainer's behaviour
+    default_text_path: str = (
+        "auto"  # /register's default text path; auto = measured on a toy run (text_paths.py)
+    )
 
 
 @dataclass
@@ -414,6 +417,17 @@ def export_bundle(
             raise ExportError(f"the exported bundle does not load in the runtime: {e}") from e
         manifest["parity"] = _measure(source, bundle, bank, pre, opts, tmp)
         timings["parity_s"] = time.perf_counter() - t1
+        try:
+            manifest["prompt"].update(
+                text_paths.choose_default(
+                    bundle,
+                    source.extra.get("data_kind"),
+                    int(source.extra.get("data_seed", 0)),
+                    opts.default_text_path,
+                )
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from e
         del bundle
         parity.check(manifest["parity"], opts.tol, opts.fp16_tol)
 

@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--fp16", action="store_true", help="also write fp16 graphs (used only on CUDA)")
+    p.add_argument(
+        "--default-text-path",
+        choices=["auto", "learned", "handwritten", "ensemble"],
+        default="auto",
+        help="how /register embeds new names by default; auto: measured on the novel classes for a toy-world "
+        "run, else learned",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
     p.add_argument(
         "--exporter",
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             tol=ns.tol,
             fp16_tol=ns.fp16_tol,
             parity_images=ns.parity_images,
+            default_text_path=ns.default_text_path,
         )
         result = export_bundle(source, ns.out, options)  # type: ignore[arg-type]
         tag = None

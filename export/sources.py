@@ -127,7 +127,12 @@ def from_checkpoint(
         kind=PROMPT_TUNED,
         checkpoint=str(Path(ckpt["_path"]).resolve()),
         checkpoint_sha256=run.checkpoint_sha256,
-        extra={"epoch": run.epoch, "novel_class_names": list(run.novel_class_names)},
+        extra={
+            "epoch": run.epoch,
+            "novel_class_names": list(run.novel_class_names),
+            "data_kind": ((ckpt.get("config") or {}).get("data") or {}).get("kind"),
+            "data_seed": ((ckpt.get("config") or {}).get("data") or {}).get("seed") or 0,
+        },
         handwritten_template=((ckpt.get("config") or {}).get("prompt") or {}).get("template"),
     )
 

@@ -471,3 +471,39 @@ def test_fp16_parity_reports_not_measured_when_onnxruntime_cannot_run_it(tmp_pat
     x = np.zeros((1, 3, 4, 4), np.float32)
     entry = fp16_parity(bogus, "pixels", [x], [np.zeros((1, 2), np.float32)], cuda=False)
     assert entry["status"] == "not measured on CPU" and "CPUExecutionProvider" in entry["reason"]
+
+
+def test_default_text_path_is_recorded(tuned, tuned_bundle, tmp_path):
+    """Not a toy-world run: learned by default (nothing measured); --default-text-path is recorded as asked."""
+    prompt = json.loads((tuned_bundle / "manifest.json").read_text())["prompt"]
+    assert prompt["default_text_path"] == "learned" and prompt["default_text_path_source"] == "default"
+    out = tmp_path / "hand"
+    rc = _export_cli(
+        "--checkpoint", str(tuned["ckpt"]), "--out", str(out), "--default-text-path", "handwritten"
+    )
+    assert rc == 0
+    prompt = json.loads((out / "manifest.json").read_text())["prompt"]
+    assert (prompt["default_text_path"], prompt["default_text_path_source"]) == ("handwritten", "requested")
+
+
+def test_toy_run_measures_its_default_text_path() -> None:
+    """For a toy-world run the exporter scores each path on the novel test set and keeps the best."""
+    from export.text_paths import choose_default
+
+    class FakeBundle:
+        text_paths = ("learned", "handwritten", "ensemble")
+        n_ctx = 4
+
+    import export.text_paths as tp
+
+    scores = {"learned": 0.6, "handwritten": 0.7, "ensemble": 0.65}
+    original = tp.toy_novel_top1
+    tp.toy_novel_top1 = lambda bundle, seed=0, per_class=25: scores  # type: ignore[assignment]
+    try:
+        chosen = choose_default(FakeBundle(), "toy", 0)
+        assert chosen["default_text_path"] == "handwritten" and chosen["text_path_novel_top1"] == scores
+        assert choose_default(FakeBundle(), "cifar100_lt", 0)["default_text_path"] == "learned"
+        with pytest.raises(ValueError):
+            choose_default(type("Old", (), {"text_paths": ("learned",), "n_ctx": 4})(), "toy", 0, "ensemble")
+    finally:
+        tp.toy_novel_top1 = original

@@ -343,6 +343,27 @@ def test_each_text_path_embeds_a_name_as_the_bundle_does(tuned_bundle: Path, tmp
 
 
 @pytest.mark.server
+def test_the_bundles_measured_default_text_path_is_used(tuned_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tuned_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["prompt"]["default_text_path"] = "handwritten"  # as the exporter records a measured winner
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    db = tmp_path / "r.db"
+    env = {
+        "FLATPROMPT_BUNDLE": str(bundle),
+        "FLATPROMPT_REGISTRY_URL": f"sqlite:///{db}",
+        "FLATPROMPT_TOKEN": TOKEN,
+    }
+    with running_server(tmp_path / "s", env) as server:
+        r = httpx.post(server.url + "/register", json={"names": ["okapi"]}, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+    assert _stored(db)["okapi"][1] == "handwritten"
+
+
+@pytest.mark.server
 def test_a_bundle_without_the_handwritten_graph_refuses_those_paths(
     tmp_path: Path, tuned_bundle: Path
 ) -> None:
