@@ -123,6 +123,71 @@ def harden_multipart_parsing() -> bool:
 MULTIPART_FIELD_PARTS = 8  # parts of a /classify body besides the images (top_k, candidates, tau; slack)
 
 
+def harden_protocol_errors() -> bool:
+    """Answer uvicorn's own 400s (malformed HTTP: bad ``Content-Length``, bad chunk sizes, oversized
+    or broken header lines, garbage request lines) in the error schema, as ``application/json``.
+
+    uvicorn 0.3x writes those as ``text/plain`` before any ASGI app runs, so :class:`GuardMiddleware`
+    never sees them. Patches ``send_400_response`` of the h11 (and, when installed, httptools)
+    protocol; returns False (and logs) when the method is not there.
+    """
+    patched = False
+    with contextlib.suppress(ImportError):
+        import h11
+        from uvicorn.protocols.http import h11_impl
+
+        patched |= _patch_400(h11_impl.H11Protocol, _h11_send_400(h11))
+    with contextlib.suppress(ImportError):
+        from uvicorn.protocols.http import httptools_impl
+
+        patched |= _patch_400(httptools_impl.HttpToolsProtocol, _raw_send_400)
+    if not patched:
+        _logger.warning("cannot answer uvicorn's protocol errors in the error schema: method moved")
+    return patched
+
+
+def _protocol_error_body(msg: str) -> bytes:
+    return error_body("bad_request", f"malformed HTTP request: {msg}")
+
+
+def _patch_400(cls: Any, method: Callable[[Any, str], None]) -> bool:
+    if not hasattr(cls, "send_400_response"):
+        return False
+    if not getattr(cls, "_flatprompt_hardened", False):
+        cls.send_400_response = method
+        cls._flatprompt_hardened = True
+    return True
+
+
+def _h11_send_400(h11: Any) -> Callable[[Any, str], None]:
+    def send_400_response(self: Any, msg: str) -> None:
+        body = _protocol_error_body(msg)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+    return send_400_response
+
+
+def _raw_send_400(self: Any, msg: str) -> None:
+    body = _protocol_error_body(msg)
+    head = (
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    self.transport.write(head.encode("ascii") + body)
+    self.transport.close()
+
+
 class BodyRefused(Exception):
     """Raised from ``receive`` when the body being streamed is refused; the guard answers it.
 

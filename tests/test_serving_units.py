@@ -81,7 +81,7 @@ def test_clean_name_normalises(raw: str, expected: str) -> None:
     assert clean_name(raw, 128) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "a\x00b", "tab\x07", "x" * 129, 42, "\ud800"])
+@pytest.mark.parametrize("raw", ["", "   ", "a\x00b", "tab\x07", "x" * 129, 42, "\ud800", "abc\u202edcba", "\u2067x"])
 def test_clean_name_refuses(raw: Any) -> None:
     with pytest.raises(ServeError) as err:
         clean_name(raw, 128)
