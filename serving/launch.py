@@ -53,8 +53,23 @@ class Server:
             return self.log_path.read_text(errors="replace")[-tail:]
         return ""
 
+    def pids(self) -> list[int]:
+        """The server's PID and every descendant's (circus starts each worker in a session of its own,
+        so the process group alone misses them)."""
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def kill(self) -> list[int]:
+        """SIGKILL the server and all its descendants at once (a crash); returns the PIDs signalled."""
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        return pids
+
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the server's PID, wait, then SIGKILL its process group if it is still there."""
+        """SIGTERM the server's PID, wait, then SIGKILL whatever of it is still there (workers included)."""
+        family = self.pids()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -65,10 +80,29 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)  # the group we created with start_new_session
             self.proc.wait(timeout=10)
-        # workers of a killed arbiter could linger in the group: end them too
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        # workers of a killed arbiter could linger (they have sessions of their own): end them too
+        for pid in family[1:]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         return self.proc.returncode
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (read from ``/proc``; Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def start_server(

@@ -23,7 +23,9 @@ checks no credentials. :class:`GuardMiddleware` closes those gaps, in this order
    (BentoML's own ``max_concurrency`` is not used: its 429 would bypass this schema);
 8. a per-request deadline answering 504 when no response started in time;
 9. every 4xx/5xx body that is not already ``{"error": code, "message": text}`` is rewritten to it,
-   and every 4xx/5xx goes out as ``application/json``.
+   and every 4xx/5xx goes out as ``application/json``; a 503 without ``Retry-After`` gets one
+   (:data:`RETRY_AFTER_503`). uvicorn's own 400s for malformed HTTP, sent before any app runs, are
+   answered in the same schema by :func:`harden_protocol_errors`.
 
 Each refusal increments ``flatprompt_limit_violations_total{limit}`` and every API request
 ``flatprompt_requests_total{endpoint, outcome}``.
@@ -120,6 +122,7 @@ def harden_multipart_parsing() -> bool:
     return True
 
 
+RETRY_AFTER_503 = "2"  # seconds, on every 503 that does not say otherwise (registry down, shutting down)
 MULTIPART_FIELD_PARTS = 8  # parts of a /classify body besides the images (top_k, candidates, tau; slack)
 
 
@@ -581,6 +584,8 @@ class GuardMiddleware:
                         for k, v in start.get("headers", [])
                         if k.lower() not in (b"content-length", b"content-type")
                     ] + [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+                    if status == 503 and not any(k.lower() == b"retry-after" for k, _ in start["headers"]):
+                        start["headers"].append((b"retry-after", RETRY_AFTER_503.encode()))
                     await self._emit_start(send, state, scope, start, count)
                     await send({"type": "http.response.body", "body": body})
                     return

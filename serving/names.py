@@ -28,6 +28,8 @@ def _forbidden(text: str) -> str | None:
     return next(
         (ch for ch in text if ch in _BIDI_CONTROLS or unicodedata.category(ch) in _REFUSED_CATEGORIES), None
     )
+
+
 PLACEHOLDER = "{}"
 
 

@@ -392,6 +392,24 @@ def test_body_shorter_than_content_length_answers_408(server: Server) -> None:
     assert elapsed < 10  # the body timeout (1 s here), not the 30 s request deadline
 
 
+def test_malformed_http_is_answered_in_the_schema(server: Server) -> None:
+    import socket
+
+    for request in (
+        b"POST /classes HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}",
+        b"POST /classes HTTP/1.1\r\nHost: x\r\nbroken header\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+    ):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):  # uvicorn closes after its 400
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+        assert json.loads(payload)["error"] == "bad_request"
+
+
 def test_errors_are_json_whatever_the_malformed_multipart(http: httpx.Client) -> None:
     bodies = [
         (b"garbage", "multipart/form-data; boundary=xx"),

@@ -81,7 +81,9 @@ def test_clean_name_normalises(raw: str, expected: str) -> None:
     assert clean_name(raw, 128) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "a\x00b", "tab\x07", "x" * 129, 42, "\ud800", "abc\u202edcba", "\u2067x"])
+@pytest.mark.parametrize(
+    "raw", ["", "   ", "a\x00b", "tab\x07", "x" * 129, 42, "\ud800", "abc\u202edcba", "\u2067x"]
+)
 def test_clean_name_refuses(raw: Any) -> None:
     with pytest.raises(ServeError) as err:
         clean_name(raw, 128)
@@ -570,6 +572,21 @@ def test_guard_trailing_slash_and_error_media_type() -> None:
     status, body, headers = _call(_guard(schema_as_text), "/classes", b"{}")
     assert status == 400 and body == {"error": "x", "message": "y"}
     assert headers["content-type"] == "application/json"
+
+
+def test_guard_adds_retry_after_to_every_503() -> None:
+    async def unavailable(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        extra = [(b"retry-after", b"7")] if scope["path"] == "/register" else []
+        start = {"type": "http.response.start", "status": 503, "headers": extra}
+        await send(start)
+        await send(
+            {"type": "http.response.body", "body": b'{"error": "registry_unavailable", "message": "m"}'}
+        )
+
+    guard = _guard(unavailable)
+    assert _call(guard, "/classes", b"{}")[2]["retry-after"] == "2"
+    assert _call(guard, "/register", b"{}", {"authorization": "Bearer tok"})[2]["retry-after"] == "7"
 
 
 def test_guard_admission_control() -> None:
