@@ -300,7 +300,7 @@ def _trickle(raw: bytes, stop_after: int, delay: float) -> Callable[[socket.sock
     return write
 
 
-def abuse_corpus(max_body: int) -> list[Probe]:
+def abuse_corpus(max_body: int, trained: str) -> list[Probe]:
     """At least 150 hostile requests; each expects a 4xx in the error schema unless marked."""
     good = good_image()
     corpus: list[Probe] = []
@@ -670,12 +670,12 @@ def abuse_corpus(max_body: int) -> list[Probe]:
         ("emoji ZWJ sequence (valid)", ["👩\u200d🚀 chaos"], "2xx"),
         ("SQL in a name (valid, stored as text)", ["chaos'); DROP TABLE flatprompt_classes;--"], "2xx"),
         ("path traversal name (valid)", ["../../chaos/etc/passwd"], "2xx"),
-        ("trained class name (valid: 'trained')", ["red"], "2xx"),
+        ("trained class name (valid: 'trained')", [trained], "2xx"),
         ("HTML in a name (valid)", ["<script>chaos()</script>"], "2xx"),
     ]
     for name, value, expect in names:
         add("names", name, json_request("/register", {"names": value}, auth=True), expect)
-    add("names", "unregister a trained class", json_request("/unregister", {"name": "red"}, auth=True))
+    add("names", "unregister a trained class", json_request("/unregister", {"name": trained}, auth=True))
     add(
         "names",
         "unregister an unknown class",
@@ -856,7 +856,8 @@ def scenario_abuse(ctx: Context) -> Section:
     server = ctx.server("abuse", FLATPROMPT_MAX_BODY_BYTES=str(max_body), FLATPROMPT_REQUEST_TIMEOUT_S="10")
     hang_s = 25.0  # above the request deadline (10 s) and the body timeout (5 s)
     try:
-        corpus = abuse_corpus(max_body)
+        trained = json.loads((ctx.bundle / "classes.json").read_text())["names"][0]
+        corpus = abuse_corpus(max_body, trained)
         log0 = server.log_path.stat().st_size
         results: list[dict[str, Any]] = []
         for probe in corpus:
@@ -1618,10 +1619,16 @@ def scenario_soak(ctx: Context) -> Section:
             i += 1
         client.close()
 
-    async def run(seconds: float) -> None:
+    samples: list[dict[int, float]] = []  # RSS of every server process, sampled during the measured run
+
+    async def run(seconds: float, pids: Sequence[int] = ()) -> None:
         stop = asyncio.Event()
         workers = [asyncio.ensure_future(worker(stop)) for _ in range(ctx.args.concurrency)]
-        await asyncio.sleep(seconds)
+        end = time.monotonic() + seconds
+        while pids and time.monotonic() < end:
+            samples.append(_rss_mib(pids))
+            await asyncio.sleep(min(max(5.0, seconds / 12), max(0.0, end - time.monotonic())))
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
         stop.set()
         await asyncio.gather(*workers)
 
@@ -1631,11 +1638,11 @@ def scenario_soak(ctx: Context) -> Section:
             tally.statuses.clear()
             tally.latencies.clear()
         pids = server.pids()
-        rss0 = _rss_mib(pids)
         started = time.monotonic()
-        asyncio.run(run(60.0 * ctx.args.minutes))
+        asyncio.run(run(60.0 * ctx.args.minutes, pids))
         wall = time.monotonic() - started
-        rss1 = _rss_mib(pids)
+        samples.append(_rss_mib(pids))
+        rss0, rss_mid, rss1 = samples[0], samples[len(samples) // 2], samples[-1]
     finally:
         server.stop()
     total = sum(t.total for t in kinds.values())
@@ -1669,7 +1676,9 @@ def scenario_soak(ctx: Context) -> Section:
         ", ".join(f"{rss0[p]:.0f} -> {rss1.get(p, 0):.0f} MiB" for p in sorted(rss0)),
     )
     section.add("largest RSS growth", f"{worst:+.1f}%", "< 5%", worst < 5)
-    section.details = {k: t.summary() for k, t in kinds.items()} | {"rss_start": rss0, "rss_end": rss1}
+    second_half = max(((rss1.get(p, 0) - v) / v * 100 for p, v in rss_mid.items() if v), default=float("nan"))
+    section.add("largest RSS growth over the second half", f"{second_half:+.1f}%")
+    section.details = {k: t.summary() for k, t in kinds.items()} | {"rss_samples_mib": samples}
     return section
 
 
