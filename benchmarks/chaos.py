@@ -1272,6 +1272,7 @@ class Phases:
     register: dict[str, Tally] = field(default_factory=dict)
     retry_after: dict[str, Counter[str]] = field(default_factory=dict)
     acked: list[str] = field(default_factory=list)
+    log: list[tuple[str, float, float, int]] = field(default_factory=list)  # kind, start, end, status
 
     def __post_init__(self) -> None:
         for name in self.names:
@@ -1279,6 +1280,15 @@ class Phases:
 
     def of(self, started: float) -> str:
         return self.names[sum(started >= t for t in self.starts)]
+
+    def overlapping(self, kind: str) -> Tally:
+        """Requests of ``kind`` in flight at any moment of the disturbance (from its end to the restore)."""
+        tally = Tally()
+        low, high = self.starts[1], self.starts[2]
+        for k, start, end, status in self.log:
+            if k == kind and start < high and end > low:
+                tally.record(status, end - start)
+        return tally
 
 
 class _PhaseTally(Tally):
@@ -1290,6 +1300,7 @@ class _PhaseTally(Tally):
 
     def record(self, status: int, seconds: float, started: float = 0.0) -> None:
         self.table[self.phases.of(started)].record(status, seconds)
+        self.phases.log.append(("classify", started, started + seconds, status))
 
 
 async def register_loop(port: int, phases: Phases, stop: asyncio.Event, prefix: str) -> None:
@@ -1303,6 +1314,7 @@ async def register_loop(port: int, phases: Phases, stop: asyncio.Event, prefix: 
         )
         phase = phases.of(started)
         phases.register[phase].record(status, seconds)
+        phases.log.append(("register", started, started + seconds, status))
         if status == 200:
             phases.acked.append(name)
         if status == 503:
@@ -1429,17 +1441,18 @@ def scenario_freeze(ctx: Context) -> Section:
         if server is not None:
             server.stop()
         pg.stop()
-    during_c, during_r = phases.classify["during"], phases.register["during"]
+    during_c, during_r = phases.overlapping("classify"), phases.overlapping("register")
     quiet_p99 = phases.classify["before"].percentile(99)
-    p99 = during_c.percentile(99)
+    worst = round(1000 * max(during_c.latencies), 1) if during_c.latencies else None
+    frozen_s = phases.starts[2] - phases.starts[1]
     section.add(
-        "classify started while frozen",
-        f"{during_c.total} ({_statuses(during_c)}), p50 {during_c.percentile(50)} ms, p99 {p99} ms "
+        f"classify in flight while frozen ({frozen_s:.0f} s)",
+        f"{during_c.total} ({_statuses(during_c)}), p50 {during_c.percentile(50)} ms, slowest {worst} ms "
         f"(before: p99 {quiet_p99} ms)",
-        "all 200, p99 < 1 s",
-        during_c.total > 0 and during_c.ok == during_c.total and p99 is not None and p99 < 1000,
+        "all 200 within 1 s",
+        during_c.total > 0 and during_c.ok == during_c.total and worst is not None and worst < 1000,
     )
-    section.add("register started while frozen", f"{_statuses(during_r)}, p99 {during_r.percentile(99)} ms")
+    section.add("register in flight while frozen", f"{_statuses(during_r)}, p99 {during_r.percentile(99)} ms")
     section.add("register after thaw", _statuses(phases.register["after"]))
     section.add("acknowledged registrations lost", f"{lost} of {len(phases.acked)}", "0", lost == 0)
     section.details = _phase_details(phases)
