@@ -130,7 +130,7 @@ def harden_protocol_errors() -> bool:
     """Answer uvicorn's own 400s (malformed HTTP: bad ``Content-Length``, bad chunk sizes, oversized
     or broken header lines, garbage request lines) in the error schema, as ``application/json``.
 
-    uvicorn 0.3x writes those as ``text/plain`` before any ASGI app runs, so :class:`GuardMiddleware`
+    uvicorn (0.55 here) writes those as ``text/plain`` before any ASGI app runs, so :class:`GuardMiddleware`
     never sees them. Patches ``send_400_response`` of the h11 (and, when installed, httptools)
     protocol; returns False (and logs) when the method is not there.
     """
