@@ -48,7 +48,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
-    from tests.serving_fixtures import Server
+    from serving.launch import Server
 
 _logger = logging.getLogger("serve_load")
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def registration(url: str, token: str, bundle: Any, count: int) -> dict[str, Any
 # -- orchestration ----------------------------------------------------------------------------------
 def launch(target: str, env: dict[str, str], workdir: Path) -> Server:
     """``bentoml serve TARGET`` on a free 127.0.0.1 port (the tests' launcher), ready on ``/readyz``."""
-    from tests.serving_fixtures import start_server
+    from serving.launch import start_server
 
     return start_server(workdir, env, ready_timeout=300, target=TARGETS[target])
 

@@ -69,6 +69,7 @@ class ServiceSettings:
     max_queue_delay_ms: float = 50.0  # dynamic batching: longest wait of a queued image for others
     max_queue_items: int = 256  # images queued or being decoded per worker (503 + Retry-After beyond)
     request_timeout_s: float = 30.0  # per-request deadline (504 beyond)
+    body_timeout_s: float = 5.0  # longest wait for the next chunk of a request body (408 beyond)
     max_in_flight: int = 64  # concurrent API requests per worker (429 beyond)
     ort_threads: int = 0  # ORT intra-op threads per worker; 0 = cpu_count // workers
 

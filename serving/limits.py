@@ -12,10 +12,21 @@ checks no credentials. :class:`GuardMiddleware` closes those gaps, in this order
 3. media type per route (multipart for ``/classify``, JSON elsewhere), else 415;
 4. ``Content-Length`` above the limit answers 413 before the body is read; bodies without a length
    (chunked) are counted while streamed and cut at the limit, also answering 413;
-5. at most ``max_in_flight`` API requests per worker, 429 with ``Retry-After`` beyond
+5. while the body streams in: a gap of more than ``body_timeout_s`` between two chunks (a stalled
+   client, or a ``Content-Length`` larger than the body sent) answers 408 and frees the slot, long
+   before the request deadline; a multipart body with more parts than ``/classify`` can take
+   (``max_images_per_request`` plus its few form fields) answers 413 ``too_many_images`` before the
+   parts past the limit are parsed, the rest of the body being read and discarded (bounded by the body
+   limit) so that the client gets the answer instead of a connection reset;
+6. a path with a trailing slash answers 404 in the error schema (Starlette would redirect it with an
+   empty 307);
+7. at most ``max_in_flight`` API requests per worker, 429 with ``Retry-After`` beyond
    (BentoML's own ``max_concurrency`` is not used: its 429 would bypass this schema);
-6. a per-request deadline answering 504 when no response started in time;
-7. every 4xx/5xx body that is not already ``{"error": code, "message": text}`` is rewritten to it.
+8. a per-request deadline answering 504 when no response started in time;
+9. every 4xx/5xx body that is not already ``{"error": code, "message": text}`` is rewritten to it,
+   and every 4xx/5xx goes out as ``application/json``; a 503 without ``Retry-After`` gets one
+   (:data:`RETRY_AFTER_503`). uvicorn's own 400s for malformed HTTP, sent before any app runs, are
+   answered in the same schema by :func:`harden_protocol_errors`.
 
 Each refusal increments ``flatprompt_limit_violations_total{limit}`` and every API request
 ``flatprompt_requests_total{endpoint, outcome}``.
@@ -68,7 +79,9 @@ def harden_multipart_parsing() -> bool:
        text values instead (400).
     2. Malformed multipart bodies and unexpected binary fields raise ``UnicodeDecodeError``,
        Starlette's ``HTTPException`` or ``ValueError``, which BentoML answers with 500. We turn them
-       into ``BadInput`` (400). Our own :class:`BodyTooLarge` and pydantic errors pass unchanged.
+       into ``BadInput`` (400), and so does a form field nested too deeply for ``json.loads``
+       (``RecursionError``, e.g. ``candidates=[[[[...``). Our own :class:`BodyRefused` and pydantic
+       errors pass unchanged.
 
     Returns False (and logs) when the private hooks are not where BentoML 1.4 has them.
     """
@@ -97,8 +110,10 @@ def harden_multipart_parsing() -> bool:
     async def parse_request(self: Any, request: Any, model: Any) -> Any:
         try:
             return await original_parse(self, request, model)
-        except (BentoMLException, BodyTooLarge, ValidationError):
-            raise  # BentoML answers these itself (400), BodyTooLarge becomes 413 in the guard
+        except (BentoMLException, BodyRefused, ValidationError):
+            raise  # BentoML answers these itself (400), BodyRefused is answered by the guard
+        except RecursionError:
+            raise BadInput("malformed multipart body: a form field is nested too deeply") from None
         except (UnicodeDecodeError, HTTPException, ValueError, KeyError) as exc:
             detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
             raise BadInput(f"malformed multipart body: {str(detail)[:200]}") from None
@@ -109,8 +124,137 @@ def harden_multipart_parsing() -> bool:
     return True
 
 
-class BodyTooLarge(Exception):
-    """Raised from ``receive`` when a streamed body passes the limit."""
+RETRY_AFTER_503 = "2"  # seconds, on every 503 that does not say otherwise (registry down, shutting down)
+MULTIPART_FIELD_PARTS = 8  # parts of a /classify body besides the images (top_k, candidates, tau; slack)
+
+
+def harden_protocol_errors() -> bool:
+    """Answer uvicorn's own 400s (malformed HTTP: bad ``Content-Length``, bad chunk sizes, oversized
+    or broken header lines, garbage request lines) in the error schema, as ``application/json``.
+
+    uvicorn (0.55 here) writes those as ``text/plain`` before any ASGI app runs, so :class:`GuardMiddleware`
+    never sees them. Patches ``send_400_response`` of the h11 (and, when installed, httptools)
+    protocol; returns False (and logs) when the method is not there.
+    """
+    patched = False
+    with contextlib.suppress(ImportError):
+        import h11
+        from uvicorn.protocols.http import h11_impl
+
+        patched |= _patch_400(h11_impl.H11Protocol, _h11_send_400(h11))
+    with contextlib.suppress(ImportError):
+        from uvicorn.protocols.http import httptools_impl
+
+        patched |= _patch_400(httptools_impl.HttpToolsProtocol, _raw_send_400)
+    if not patched:
+        _logger.warning("cannot answer uvicorn's protocol errors in the error schema: method moved")
+    return patched
+
+
+def _protocol_error_body(msg: str) -> bytes:
+    return error_body("bad_request", f"malformed HTTP request: {msg}")
+
+
+def _patch_400(cls: Any, method: Callable[[Any, str], None]) -> bool:
+    if not hasattr(cls, "send_400_response"):
+        return False
+    if not getattr(cls, "_flatprompt_hardened", False):
+        cls.send_400_response = method
+        cls._flatprompt_hardened = True
+    return True
+
+
+def _h11_send_400(h11: Any) -> Callable[[Any, str], None]:
+    def send_400_response(self: Any, msg: str) -> None:
+        body = _protocol_error_body(msg)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+    return send_400_response
+
+
+def _raw_send_400(self: Any, msg: str) -> None:
+    body = _protocol_error_body(msg)
+    head = (
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    self.transport.write(head.encode("ascii") + body)
+    self.transport.close()
+
+
+class BodyRefused(Exception):
+    """Raised from ``receive`` when the body being streamed is refused; the guard answers it.
+
+    ``drain``: read and discard the rest of the body before answering (the client is still sending,
+    and a connection closed on unread data resets before the client reads the answer).
+    """
+
+    status, code, limit, drain = 400, "bad_request", "body", False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BodyTooLarge(BodyRefused):
+    """A streamed body passed ``max_body_bytes``."""
+
+    status, code, limit = 413, "payload_too_large", "body_bytes"
+
+
+class BodyTimeout(BodyRefused):
+    """No chunk of the body arrived within ``body_timeout_s``."""
+
+    status, code, limit = 408, "request_timeout", "body_timeout"
+
+
+class TooManyParts(BodyRefused):
+    """A multipart body has more parts than the endpoint can take."""
+
+    status, code, limit, drain = 413, "too_many_images", "images_per_request", True
+
+
+class PartCounter:
+    """Counts the parts of a multipart body while it streams, across chunk boundaries.
+
+    A part starts at each delimiter ``CRLF--boundary`` (RFC 2046; the first one may open the body
+    without the CRLF); the closing delimiter ``--boundary--`` is counted too, so ``parts`` can be one
+    above the number of parts once the body is complete.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        self._tail = b"\r\n"  # as if a CRLF preceded the body
+        self.parts = 0
+
+    def feed(self, chunk: bytes) -> int:
+        """Add one chunk; return the number of delimiters seen so far."""
+        data = self._tail + chunk
+        self.parts += data.count(self._delimiter)
+        keep = len(self._delimiter) - 1  # shorter than a delimiter: never counted twice
+        self._tail = data[-keep:] if len(data) > keep else data
+        return self.parts
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The ``boundary`` parameter of a ``multipart/form-data`` content type, or None."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary":
+            value = value.strip().strip('"')
+            return value.encode("latin-1") if value else None
+    return None
 
 
 class _State:
@@ -118,7 +262,7 @@ class _State:
 
     def __init__(self) -> None:
         self.received = 0
-        self.too_large = False
+        self.refused: BodyRefused | None = None  # the body was cut: the guard answers for the app
         self.started = False  # a response start message went out (to the client)
         self.status = 0
         self.body_done = asyncio.Event()  # the app has read the whole request body
@@ -136,6 +280,8 @@ class GuardMiddleware:
         self.max_body_bytes = limits.max_body_bytes
         self.max_in_flight = settings.max_in_flight
         self.timeout_s = settings.request_timeout_s
+        self.body_timeout_s = settings.body_timeout_s
+        self.max_parts = limits.max_images_per_request + MULTIPART_FIELD_PARTS
         self.in_flight = 0
         self._token = self.config.token.encode("utf-8") if self.config.token else None
 
@@ -152,6 +298,7 @@ class GuardMiddleware:
             return
         endpoint = endpoint_label(path)
         headers = _headers(scope)
+        state = _State()
         refusal = self._check_request(scope, path, headers)
         if refusal is not None:
             status, code, message, limit, extra = refusal
@@ -172,10 +319,15 @@ class GuardMiddleware:
             )
             return
         self.in_flight += 1
-        state = _State()
         try:
             state.path = path
-            await self._run_with_deadline(scope, self._counting_receive(receive, state), receive, send, state)
+            counter = None
+            if path in MULTIPART_PATHS:
+                boundary = multipart_boundary(headers.get("content-type", ""))
+                counter = PartCounter(boundary) if boundary else None
+            await self._run_with_deadline(
+                scope, self._counting_receive(receive, state, counter), receive, send, state
+            )
         finally:
             self.in_flight -= 1
 
@@ -184,6 +336,14 @@ class GuardMiddleware:
         self, scope: Scope, path: str, headers: dict[str, str]
     ) -> tuple[int, str, str, str | None, dict[str, str]] | None:
         """Return ``(status, code, message, limit, headers)`` to refuse the request, else None."""
+        if len(path) > 1 and path.endswith("/"):
+            return (
+                404,
+                "not_found",
+                "unknown path: routes take no trailing slash",
+                None,
+                {},
+            )
         if path in PROTECTED_PATHS:
             if self._token is None:
                 return (
@@ -241,19 +401,60 @@ class GuardMiddleware:
                 )
         return None
 
-    def _counting_receive(self, receive: Receive, state: _State) -> Receive:
+    def _counting_receive(self, receive: Receive, state: _State, counter: PartCounter | None) -> Receive:
+        """``receive`` that counts body bytes (and multipart parts) and times out stalled bodies."""
+
         async def wrapped() -> Message:
-            message = await receive()
+            if state.refused is not None:  # the app reads again after a refusal: nothing more for it
+                raise state.refused
+            if state.body_done.is_set():
+                return await receive()  # after the body: http.disconnect, no deadline of ours
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                raise self._refuse(
+                    state,
+                    BodyTimeout(
+                        f"the request body stalled: nothing received for {self.body_timeout_s:g} s "
+                        f"after {state.received} bytes (is Content-Length larger than the body sent?)"
+                    ),
+                ) from None
             if message["type"] == "http.request":
-                state.received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                state.received += len(chunk)
                 if state.received > self.max_body_bytes:
-                    state.too_large = True
-                    raise BodyTooLarge(f"request body exceeds {self.max_body_bytes} bytes")
+                    raise self._refuse(
+                        state, BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                    )
+                if counter is not None and counter.feed(chunk) > self.max_parts + 1:
+                    raise self._refuse(
+                        state,
+                        TooManyParts(
+                            f"multipart body with more than {self.max_parts} parts: at most "
+                            f"{self.max_parts - MULTIPART_FIELD_PARTS} images per request"
+                        ),
+                    )
                 if not message.get("more_body", False):
                     state.body_done.set()
             return message
 
         return wrapped
+
+    @staticmethod
+    def _refuse(state: _State, refusal: BodyRefused) -> BodyRefused:
+        state.refused = refusal
+        return refusal
+
+    async def _drain(self, receive: Receive, state: _State) -> None:
+        """Read and discard the rest of a refused body, within the body limit and the body timeout."""
+        with contextlib.suppress(TimeoutError):
+            while state.received <= self.max_body_bytes:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                if message["type"] != "http.request":
+                    return
+                state.received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
     # -- running the app -----------------------------------------------------------------------
     async def _run_with_deadline(
@@ -268,7 +469,7 @@ class GuardMiddleware:
                 started.set_result(None)
             await out(message)
 
-        task = asyncio.ensure_future(self._run_app(scope, receive, first_send, state, send))
+        task = asyncio.ensure_future(self._run_app(scope, receive, raw_receive, first_send, state, send))
         watcher = asyncio.ensure_future(self._watch_disconnect(raw_receive, state, task))
         try:
             await self._await_app(task, started, send, state, scope)
@@ -319,14 +520,14 @@ class GuardMiddleware:
         await task
 
     async def _run_app(
-        self, scope: Scope, receive: Receive, send: Send, state: _State, raw_send: Send
+        self, scope: Scope, receive: Receive, raw_receive: Receive, send: Send, state: _State, raw_send: Send
     ) -> None:
         try:
             await self.app(scope, receive, send)
-        except BodyTooLarge:
+        except BodyRefused:
             pass
         except Exception:
-            if not state.too_large:
+            if state.refused is None:
                 _logger.exception("unhandled error in %s", scope.get("path"))
                 if not state.started:
                     await self._final_error(
@@ -338,16 +539,12 @@ class GuardMiddleware:
                         "unexpected server error; see the server log",
                     )
                 return
-        if state.too_large and not state.started:
-            get_metrics().limit_violations.labels(limit="body_bytes").inc()
-            await self._final_error(
-                raw_send,
-                state,
-                scope,
-                413,
-                "payload_too_large",
-                f"request body exceeds the limit of {self.max_body_bytes} bytes",
-            )
+        refused = state.refused
+        if refused is not None and not state.started:
+            get_metrics().limit_violations.labels(limit=refused.limit).inc()
+            if refused.drain:
+                await self._drain(raw_receive, state)
+            await self._final_error(raw_send, state, scope, refused.status, refused.code, refused.message)
 
     async def _final_error(
         self, send: Send, state: _State, scope: Scope, status: int, code: str, message: str
@@ -365,8 +562,8 @@ class GuardMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 status = int(message["status"])
-                if state.too_large:
-                    held["drop"] = True  # the app's answer to a cut body is replaced by 413 later
+                if state.refused is not None:
+                    held["drop"] = True  # the app's answer to a cut body is replaced by the refusal
                     return
                 if status >= 400:
                     held["start"] = message
@@ -392,8 +589,12 @@ class GuardMiddleware:
                         start = _start(status, _keep_headers(start))
                     start = dict(start)
                     start["headers"] = [
-                        (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
-                    ] + [(b"content-length", str(len(body)).encode())]
+                        (k, v)
+                        for k, v in start.get("headers", [])
+                        if k.lower() not in (b"content-length", b"content-type")
+                    ] + [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+                    if status == 503 and not any(k.lower() == b"retry-after" for k, _ in start["headers"]):
+                        start["headers"].append((b"retry-after", RETRY_AFTER_503.encode()))
                     await self._emit_start(send, state, scope, start, count)
                     await send({"type": "http.response.body", "body": body})
                     return

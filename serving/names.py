@@ -6,7 +6,9 @@ the same class when their *keys* are equal; the key is the normalised name case-
 tokenizer lower-cases text anyway ("Okapi" and "okapi" would get the same embedding).
 
 Any printable Unicode is allowed, including emoji and zero-width joiner sequences; control
-characters (category ``Cc``), unpaired surrogates and private-use code points are refused.
+characters (category ``Cc``), unpaired surrogates, private-use and unassigned code points are
+refused, and so are the bidirectional embedding / override / isolate controls (U+202A..U+202E,
+U+2066..U+2069), which make a name display as another one ("Trojan Source").
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from serving.errors import ServeError
 
 _WHITESPACE = re.compile(r"\s+")
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Cn"})
+_BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+
+
+def _forbidden(text: str) -> str | None:
+    """The first character of ``text`` a name or template may not contain, or None."""
+    return next(
+        (ch for ch in text if ch in _BIDI_CONTROLS or unicodedata.category(ch) in _REFUSED_CATEGORIES), None
+    )
+
+
 PLACEHOLDER = "{}"
 
 
@@ -35,7 +47,7 @@ def clean_name(raw: object, max_length: int) -> str:
             f"class name has {len(name)} characters, the limit is {max_length}",
             limit="name_length",
         )
-    bad = next((ch for ch in name if unicodedata.category(ch) in _REFUSED_CATEGORIES), None)
+    bad = _forbidden(name)
     if bad is not None:
         raise ServeError(400, "invalid_name", f"class name contains a forbidden character U+{ord(bad):04X}")
     return name
@@ -60,6 +72,6 @@ def clean_template(raw: object, max_length: int) -> str:
         )
     if template.count(PLACEHOLDER) != 1:
         raise ServeError(400, "invalid_template", f"template {template!r} must contain exactly one '{{}}'")
-    if any(unicodedata.category(ch) in _REFUSED_CATEGORIES for ch in template):
+    if _forbidden(template) is not None:
         raise ServeError(400, "invalid_template", "template contains a forbidden character")
     return template

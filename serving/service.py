@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse
 from serving import readiness
 from serving.config import ServeConfig, service_settings
 from serving.errors import ServeError
-from serving.limits import GuardMiddleware, harden_multipart_parsing
+from serving.limits import GuardMiddleware, harden_multipart_parsing, harden_protocol_errors
 from serving.openapi import DocsMiddleware, openapi_document
 
 with bentoml.importing():
@@ -126,6 +126,7 @@ class FlatPrompt:
         limits = self.config.limits
         configure_pil(limits.max_image_pixels)
         harden_multipart_parsing()
+        harden_protocol_errors()
         self.metrics = get_metrics(self.config.service.max_batch_size)
         self.bundle_dir = resolve_bundle_dir(self.config)
         self.bundle_hash = bundle_hash(self.bundle_dir)

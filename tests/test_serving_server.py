@@ -49,6 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "FLATPROMPT_MAX_NAMES_PER_REGISTRATION": str(MAX_NAMES),
         "FLATPROMPT_MAX_REGISTERED_CLASSES": str(MAX_REGISTERED),
         "FLATPROMPT_MAX_NAME_LENGTH": "64",
+        "FLATPROMPT_BODY_TIMEOUT_S": "1",
     }
     srv = start_server(root / "run", env)
     wait_for_workers(srv, 2)  # the tests below rely on both workers serving
@@ -336,6 +337,103 @@ def test_unknown_routes_and_methods(http: httpx.Client) -> None:
     _error(http.get("/nope"), 404)
     _error(http.get("/classify"), 405)
     _error(http.post("/encode_images", json={"pixels": []}), 404)  # no internal route any more
+
+
+def test_deeply_nested_form_field_is_a_400(http: httpx.Client) -> None:
+    for depth in (40, 5000):
+        response = _classify(http, png_bytes(), candidates="[" * depth + "]" * depth)
+        body = _error(response, 400, "bad_request")
+        assert response.headers["content-type"] == "application/json", body
+    _error(_classify(http, png_bytes(), candidates="[" * 100_000), 400, "bad_request")
+
+
+def test_trailing_slash_is_a_404_in_the_schema(http: httpx.Client) -> None:
+    for path in ("/classify/", "/register/", "/classes/"):
+        response = http.post(path, json={})
+        _error(response, 404, "not_found")
+        assert response.headers["content-type"] == "application/json"
+
+
+def test_ten_thousand_image_parts_answer_413(http: httpx.Client) -> None:
+    one = (
+        b'--bnd\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + png_bytes(size=(4, 4)) + b"\r\n"
+    )
+    body = one * 10_000 + b"--bnd--\r\n"
+    assert len(body) < MAX_BODY
+    response = http.post(
+        "/classify", content=body, headers={"content-type": "multipart/form-data; boundary=bnd"}
+    )
+    _error(response, 413, "too_many_images")
+    assert response.headers["content-type"] == "application/json"
+
+
+def test_body_shorter_than_content_length_answers_408(server: Server) -> None:
+    import socket
+    import time
+
+    request = (
+        b"POST /classify_base64 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n" + b'{"images": ["'
+    )
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(request)  # 13 of the 1000 bytes promised, then silence
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    elapsed = time.monotonic() - started
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(payload)["error"] == "request_timeout"
+    assert elapsed < 10  # the body timeout (1 s here), not the 30 s request deadline
+
+
+def test_malformed_http_is_answered_in_the_schema(server: Server) -> None:
+    import socket
+
+    for request in (
+        b"POST /classes HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}",
+        b"POST /classes HTTP/1.1\r\nHost: x\r\nbroken header\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+    ):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):  # uvicorn closes after its 400
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+        assert json.loads(payload)["error"] == "bad_request"
+
+
+def test_errors_are_json_whatever_the_malformed_multipart(http: httpx.Client) -> None:
+    bodies = [
+        (b"garbage", "multipart/form-data; boundary=xx"),
+        (
+            b"--xx\r\nContent-Disposition: form-data\r\n\r\nabc\r\n--xx--\r\n",
+            "multipart/form-data; boundary=xx",
+        ),
+        (b"--xx\r\n\r\n", "multipart/form-data"),
+        (
+            b'--xx\r\nContent-Disposition: form-data; name="images"\r\n\r\nabc\r\n--xx--\r\n',
+            "multipart/form-data; boundary=xx",
+        ),
+        (
+            b'--xx\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n\xff\xfe\r\n--xx--\r\n',
+            "multipart/form-data; boundary=xx",
+        ),
+        (b"--xx--\r\n", "multipart/form-data; boundary=xx"),
+    ]
+    for content, media in bodies:
+        response = http.post("/classify", content=content, headers={"content-type": media})
+        assert 400 <= response.status_code < 500, (content, response.text)
+        assert response.headers["content-type"] == "application/json", (content, response.headers)
+        _error(response, response.status_code)
 
 
 def test_metrics_pass_promtool(http: httpx.Client) -> None:

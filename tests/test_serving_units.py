@@ -19,7 +19,7 @@ from PIL import Image
 from serving.config import ConfigError, Limits, ServeConfig, ServiceSettings
 from serving.errors import ServeError, is_error_body, message_from_foreign_body
 from serving.images import configure_pil, decode_base64, decode_image
-from serving.limits import GuardMiddleware
+from serving.limits import GuardMiddleware, PartCounter, multipart_boundary
 from serving.names import clean_name, clean_template, name_key
 from serving.registry import (
     CREATED,
@@ -81,7 +81,9 @@ def test_clean_name_normalises(raw: str, expected: str) -> None:
     assert clean_name(raw, 128) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "a\x00b", "tab\x07", "x" * 129, 42, "\ud800"])
+@pytest.mark.parametrize(
+    "raw", ["", "   ", "a\x00b", "tab\x07", "x" * 129, 42, "\ud800", "abc\u202edcba", "\u2067x"]
+)
 def test_clean_name_refuses(raw: Any) -> None:
     with pytest.raises(ServeError) as err:
         clean_name(raw, 128)
@@ -398,8 +400,14 @@ def _call(
     headers: dict[str, str] | None = None,
     chunks: int = 1,
     disconnect_after_s: float | None = None,
+    complete: bool = True,
+    unread: list[int] | None = None,
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Drive the guard like uvicorn: after the body, ``receive`` blocks until the client disconnects."""
+    """Drive the guard like uvicorn: after the body, ``receive`` blocks until the client disconnects.
+
+    ``complete=False``: the last chunk says more is coming and never does (a stalled client).
+    ``unread``: gets the number of body chunks the guard (and the app) left unread.
+    """
     hdrs = {"content-type": "application/json", **(headers or {})}
     scope = {
         "type": "http",
@@ -410,7 +418,8 @@ def _call(
     size = max(1, len(body) // chunks)
     parts = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
     messages = [
-        {"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)
+        {"type": "http.request", "body": p, "more_body": i < len(parts) - 1 or not complete}
+        for i, p in enumerate(parts)
     ]
     sent: list[dict[str, Any]] = []
 
@@ -426,6 +435,8 @@ def _call(
         sent.append(message)
 
     asyncio.run(guard(scope, receive, send))
+    if unread is not None:
+        unread.append(len(messages))
     if not sent:
         return 0, {}, {}
     start = sent[0]
@@ -493,6 +504,89 @@ def test_guard_rewrites_foreign_errors_and_times_out() -> None:
     assert status == 400 and body == {"error": "bad_request", "message": "Bad thing"}
     status, body, _ = _call(guard, "/slow")
     assert status == 504 and body["error"] == "timeout"
+
+
+def test_guard_stalled_body_answers_408_before_the_deadline() -> None:
+    guard = _guard(_echo_app, FLATPROMPT_BODY_TIMEOUT_S="0.2", FLATPROMPT_REQUEST_TIMEOUT_S="30")
+    started = time.perf_counter()
+    # Content-Length promises 50 bytes, 10 arrive, then nothing
+    status, body, headers = _call(guard, "/classes", b"x" * 10, {"content-length": "50"}, complete=False)
+    assert status == 408 and body["error"] == "request_timeout" and "10 bytes" in body["message"]
+    assert headers["content-type"] == "application/json"
+    assert time.perf_counter() - started < 2 and guard.in_flight == 0  # the slot is free again
+    # a body that keeps coming (chunks within the timeout) is not cut
+    assert _call(guard, "/classes", b"x" * 50, chunks=5)[0] == 200
+
+
+def _multipart(parts: int, boundary: str = "b0undary") -> tuple[bytes, dict[str, str]]:
+    one = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + b"\x89PNG" * 8
+        + b"\r\n"
+    )
+    body = one * parts + f"--{boundary}--\r\n".encode()
+    return body, {"content-type": f'multipart/form-data; boundary="{boundary}"'}
+
+
+def test_guard_counts_multipart_parts_while_streaming() -> None:
+    guard = _guard(_echo_app, FLATPROMPT_MAX_BODY_BYTES="50000000", FLATPROMPT_MAX_IMAGES_PER_REQUEST="4")
+    body, headers = _multipart(10_000)
+    unread: list[int] = []
+    status, answer, response_headers = _call(guard, "/classify", body, headers, chunks=1000, unread=unread)
+    assert status == 413 and answer["error"] == "too_many_images" and "4 images" in answer["message"]
+    assert response_headers["content-type"] == "application/json"
+    assert unread == [0]  # the rest was read and discarded: the client gets the answer, not a reset
+    # parts may straddle chunk boundaries: at the limit (4 images + the form fields) the body passes
+    body, headers = _multipart(4 + 8)
+    assert _call(guard, "/classify", body, headers, chunks=97)[0] == 200
+    body, headers = _multipart(4 + 9)
+    assert _call(guard, "/classify", body, headers, chunks=97)[0] == 413
+
+
+def test_part_counter_across_chunks() -> None:
+    body, _ = _multipart(37, "xyz")
+    for size in (1, 2, 5, 7, 64, len(body)):
+        counter = PartCounter(b"xyz")
+        for i in range(0, len(body), size):
+            counter.feed(body[i : i + size])
+        assert counter.parts == 38  # 37 parts + the closing delimiter
+    assert multipart_boundary('multipart/form-data; charset=x; boundary="a b"') == b"a b"
+    assert multipart_boundary("multipart/form-data") is None
+
+
+def test_guard_trailing_slash_and_error_media_type() -> None:
+    async def schema_as_text(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"error": "x", "message": "y"}'})
+
+    guard = _guard(_echo_app)
+    for path in ("/classify/", "/register/", "/readyz/", "/classes//"):
+        status, body, headers = _call(guard, path, b"{}")
+        assert status == 404 and body["error"] == "not_found" and "trailing slash" in body["message"]
+        assert headers["content-type"] == "application/json"
+    status, body, headers = _call(_guard(schema_as_text), "/classes", b"{}")
+    assert status == 400 and body == {"error": "x", "message": "y"}
+    assert headers["content-type"] == "application/json"
+
+
+def test_guard_adds_retry_after_to_every_503() -> None:
+    async def unavailable(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        extra = [(b"retry-after", b"7")] if scope["path"] == "/register" else []
+        start = {"type": "http.response.start", "status": 503, "headers": extra}
+        await send(start)
+        await send(
+            {"type": "http.response.body", "body": b'{"error": "registry_unavailable", "message": "m"}'}
+        )
+
+    guard = _guard(unavailable)
+    assert _call(guard, "/classes", b"{}")[2]["retry-after"] == "2"
+    assert _call(guard, "/register", b"{}", {"authorization": "Bearer tok"})[2]["retry-after"] == "7"
 
 
 def test_guard_admission_control() -> None:
