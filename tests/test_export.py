@@ -118,6 +118,8 @@ def test_manifest_lists_every_file_with_its_checksum(tuned_bundle):
         "vpt_length": 2,
         "vpt_deep": True,
         "handwritten_template": "a photo of a {}.",
+        "default_text_path": "learned",  # not a toy-world run: nothing to measure the paths on
+        "default_text_path_source": "default",
     }
     assert "text_encoder_handwritten.onnx" in on_disk
     assert manifest["graphs"]["text_encoder_handwritten"]["fp32"] == "text_encoder_handwritten.onnx"
