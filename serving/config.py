@@ -17,6 +17,9 @@ Environment variables (all optional):
                                    (or empty) allows any (the Bento's container sets CUDA)
 ``FLATPROMPT_WORKERS`` ...         see :class:`ServiceSettings`
 ``FLATPROMPT_MAX_*``               see :class:`Limits`
+``FLATPROMPT_REGISTRY_*_S``        registry budget, poll interval, statement timeout, max staleness
+``FLATPROMPT_LOG_LEVEL``           level of the ``serving`` loggers (default ``INFO``)
+``FLATPROMPT_LOG_FORMAT``          ``text`` (default, BentoML's format) or ``json`` (one object a line)
 =================================  ==========================================================
 """
 
@@ -72,6 +75,10 @@ class ServiceSettings:
     body_timeout_s: float = 5.0  # longest wait for the next chunk of a request body (408 beyond)
     max_in_flight: int = 64  # concurrent API requests per worker (429 beyond)
     ort_threads: int = 0  # ORT intra-op threads per worker; 0 = cpu_count // workers
+    registry_timeout_s: float = 0.6  # longest a request waits on the registry database (503 beyond)
+    registry_poll_s: float = 0.5  # interval of each worker's background registry version check
+    registry_statement_timeout_s: float = 5.0  # server-side statement/lock timeout, SQLite busy timeout
+    registry_max_staleness_s: float = 0.0  # readiness fails past this staleness; 0 = never (see docs)
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ def _require_provider(raw: str | None) -> str | None:
     return None if value.lower() in NO_PROVIDER_REQUIRED else value
 
 
-_ZERO_ALLOWED = frozenset({"ort_threads", "max_queue_delay_ms"})
+_ZERO_ALLOWED = frozenset({"ort_threads", "max_queue_delay_ms", "registry_max_staleness_s"})
 
 
 def _from_env(cls: type[_T], env: Mapping[str, str]) -> _T:

@@ -110,7 +110,12 @@ def message_from_foreign_body(payload: bytes, status: int) -> str:
             for item in detail[:5]:
                 if isinstance(item, dict):
                     loc = ".".join(str(x) for x in item.get("loc", ()))
-                    parts.append(f"{loc}: {item.get('msg', 'invalid')}" if loc else str(item.get("msg")))
+                    msg = (
+                        "unknown field"
+                        if item.get("type") == "extra_forbidden"
+                        else item.get("msg", "invalid")
+                    )
+                    parts.append(f"{loc}: {msg}" if loc else str(msg))
             return "invalid request: " + "; ".join(parts)
         for key in ("error", "detail", "message"):
             if isinstance(data.get(key), str) and data[key]:

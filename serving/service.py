@@ -7,7 +7,7 @@ Request path of a classification (all inside one worker process; no HTTP hop, no
     POST /classify (multipart) or /classify_base64 (JSON)       async API, event loop
       -> limits checked, images announced to the batcher       event loop (503 when its queue is full)
       -> read upload, decode (reduced-scale JPEG) + preprocess worker thread (own limiter)
-      -> registry version check, reload when it moved          same thread
+      -> the current class index (no database access)         same thread
       -> image batcher: one ORT call for the requests queued   batcher thread (serving/batcher.py)
       -> cosine logits, optional logit adjustment, top-k       worker thread
 
@@ -17,6 +17,12 @@ being decoded, and otherwise waits at most ``FLATPROMPT_MAX_QUEUE_DELAY_MS`` for
 ``/register`` embeds names through a second batcher over the text tower, so concurrent
 registrations share text-encoder calls too. ``docs/serving.md`` compares this design with BentoML's
 distributed-services pattern (``bentoml.depends``), measured side by side.
+
+The registry database is off the request path: a :class:`serving.registry.RegistryWatcher` thread
+per worker polls its version and swaps in a new class index; classification never waits on the
+database, and the calls that must (``/register``, ``/unregister``, a candidate name not known yet,
+``/classes``) wait at most ``FLATPROMPT_REGISTRY_TIMEOUT_S`` (503 ``registry_unavailable`` with
+``Retry-After`` beyond, and nothing committed later).
 
 Nothing here imports torch, open_clip, the trainer or the exporter; the model comes as a bundle
 (``docs/bundle.md``) read by :mod:`serving.runtime`.
@@ -38,11 +44,14 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
-from serving import readiness
+from serving import logs, readiness
 from serving.config import ServeConfig, service_settings
+from serving.edge import install_edge_middleware, set_readiness_probe
 from serving.errors import ServeError
+from serving.inputs import enforce_strict_inputs
 from serving.limits import GuardMiddleware, harden_multipart_parsing, harden_protocol_errors
 from serving.openapi import DocsMiddleware, openapi_document
+from serving.supervision import exit_with_parent
 
 with bentoml.importing():
     import anyio
@@ -60,8 +69,13 @@ with bentoml.importing():
         Registry,
         RegistryError,
         RegistryFullError,
+        RegistryState,
+        RegistryTimeout,
+        RegistryWatcher,
+        Snapshot,
         StaleRow,
         StoredClass,
+        call_with_deadline,
     )
     from serving.runtime.bundle import Bundle
     from serving.schemas import (
@@ -78,6 +92,7 @@ with bentoml.importing():
     )
     from serving.scoring import REGISTERED, TRAINED, ClassIndex
 
+logs.configure()  # import time: in a worker, after BentoML configured its logging
 _logger = logging.getLogger(__name__)
 _SETTINGS = service_settings()  # import time: the decorators below need these
 TEXT_CHUNK = 256  # prompts per text-encoder call
@@ -102,6 +117,15 @@ def resolve_bundle_dir(config: ServeConfig) -> Path:
     return Path(bentoml.models.get(config.model_tag).path)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Classes:
+    """What a request classifies into: the index and the registered rows it was built from (swapped
+    together, atomically, by the registry watcher)."""
+
+    index: ClassIndex
+    registered: dict[str, StoredClass]
+
+
 def _error_response(error: ServeError) -> JSONResponse:
     if error.limit:
         get_metrics().limit_violations.labels(limit=error.limit).inc()
@@ -123,10 +147,13 @@ class FlatPrompt:
     def __init__(self) -> None:
         self._ready = False
         self.config = ServeConfig.from_env()
+        settings = self.config.service
+        exit_with_parent(grace_s=settings.request_timeout_s + 10)  # no orphan worker holding the port
         limits = self.config.limits
         configure_pil(limits.max_image_pixels)
         harden_multipart_parsing()
         harden_protocol_errors()
+        enforce_strict_inputs()
         self.metrics = get_metrics(self.config.service.max_batch_size)
         self.bundle_dir = resolve_bundle_dir(self.config)
         self.bundle_hash = bundle_hash(self.bundle_dir)
@@ -163,20 +190,35 @@ class FlatPrompt:
         ).set(1)
         self._trained_names = list(self.bundle.class_names)
         self._trained_keys = {name_key(n) for n in self._trained_names}
-        self._foreign: dict[tuple[str, tuple[str, ...], str], np.ndarray] = {}  # see _usable_embedding
-        self._registered: dict[str, StoredClass] = {}
+        self._foreign: dict[tuple[str, tuple[str, ...], str], np.ndarray] = {}
         self._index_lock = threading.Lock()
-        self._index = ClassIndex.build(
-            self._trained_names, self.bundle.class_counts, self.bundle.class_embeddings, [], version=-1
+        self._classes = _Classes(
+            ClassIndex.build(
+                self._trained_names, self.bundle.class_counts, self.bundle.class_embeddings, [], version=-1
+            ),
+            {},
         )
         self.image_batcher, self.text_batcher = self._batchers()
-        self.registry = Registry.open(self.config.registry_url)
+        # two connections per worker: the service's (writes) and the watcher's (background reads), so a
+        # write stuck on a hung database cannot hold up the checks
+        self.registry = Registry.open(self.config.registry_url, settings.registry_statement_timeout_s)
         rewritten = self.registry.reembed_stale(
             self.bundle_hash, int(self.bundle.embed_dim), lambda rows: self._embed_rows(rows)
         )
         if rewritten:
             _logger.info("re-embedded %d registered classes with bundle %s", rewritten, self.bundle_hash[:12])
-        self._refresh_index()
+        self.registry_budget_s = settings.registry_timeout_s
+        self.watcher = RegistryWatcher(
+            Registry.open(self.config.registry_url, settings.registry_statement_timeout_s),
+            self._apply_snapshot,
+            poll_s=settings.registry_poll_s,
+            # a background check may take longer than a request may wait: a busy machine must not make
+            # the registry look down (requests still wait at most the budget for a check)
+            timeout_s=max(1.5, 2 * settings.registry_timeout_s),
+            on_state=self._publish_registry_state,
+        )
+        self.watcher.load(timeout_s=max(30.0, settings.registry_statement_timeout_s))  # must work at start
+        self.watcher.start()
         self._limiter: anyio.CapacityLimiter | None = None
         self._warm_up()
         self._ready = True
@@ -187,17 +229,42 @@ class FlatPrompt:
             self.provider,
             self.precision,
             len(self._trained_names),
-            len(self._index) - len(self._trained_names),
+            len(self._classes.registered),
             self.registry.describe(),
         )
+        set_readiness_probe(self._readiness)
 
     # -- probes --------------------------------------------------------------------------------
     def __is_ready__(self) -> bool:
-        """Ready once the bundle is loaded on the required provider and both towers ran a warm-up."""
-        return self._ready and self.provider_ok
+        """Ready once the bundle is loaded on the required provider and both towers ran a warm-up.
+
+        A stale registry does not make the worker unready (it classifies with the classes it has, and
+        every replica shares the database: failing readiness everywhere at once would turn a registry
+        outage into a full outage), unless ``FLATPROMPT_REGISTRY_MAX_STALENESS_S`` is set and passed.
+        """
+        return self._readiness()[0]
+
+    def _readiness(self) -> tuple[bool, str, dict[str, Any]]:
+        """(ready, why not, details for the ``/readyz`` body)."""
+        state = self.watcher.state
+        details = {"registry": {"backend": self.registry.backend, **state.as_dict()}}
+        if not self._ready:
+            return False, "warming up", details
+        if not self.provider_ok:
+            return False, f"model runs on {self.provider}, {self.config.require_provider} required", details
+        limit = self.config.service.registry_max_staleness_s
+        if limit > 0 and state.staleness_s > limit:
+            return (
+                False,
+                f"registry stale for {state.staleness_s:.1f} s (FLATPROMPT_REGISTRY_MAX_STALENESS_S={limit:g})",
+                details,
+            )
+        return True, "", details
 
     @bentoml.on_shutdown
     def _close(self) -> None:
+        set_readiness_probe(None)
+        self.watcher.close()
         self.image_batcher.close()
         self.text_batcher.close()
         self.registry.close()
@@ -345,8 +412,9 @@ class FlatPrompt:
     def classes(self, kind: Literal["all", "trained", "registered"] = "all") -> ClassesResponse:
         """List the classes: trained ones with their training counts, registered ones with templates."""
         try:
-            index = self._refresh_index()
-            out: dict[str, Any] = {"registry_version": index.version, "bundle": self.bundle_hash[:16]}
+            self.watcher.refresh(self.registry_budget_s)  # the newest state, if the registry answers in time
+            current = self._classes
+            out: dict[str, Any] = {"registry_version": current.index.version, "bundle": self.bundle_hash[:16]}
             if kind in ("all", "trained"):
                 out["trained"] = [
                     {"name": n, "count": int(c)}
@@ -362,7 +430,7 @@ class FlatPrompt:
                         "text_weight": c.text_weight,
                         "text_path": c.text_path,
                     }
-                    for c in self._registered.values()
+                    for c in current.registered.values()
                 ]
             return ClassesResponse.model_validate(out)
         except ServeError as error:
@@ -438,10 +506,18 @@ class FlatPrompt:
                 self.metrics.image_bytes.observe(len(data))
                 image = decode_image(data, i, limits.max_image_pixels, self.bundle.preprocess_config)
                 pixels[i] = self.bundle.preprocess(image)
-            index = self._refresh_index()
+            index = self._classes.index
             rows = None
             if candidates is not None:
-                rows = index.resolve([clean_name(c, limits.max_name_length) for c in candidates])
+                names = [clean_name(c, limits.max_name_length) for c in candidates]
+                try:
+                    rows = index.resolve(names)
+                except ServeError as exc:
+                    # maybe registered a moment ago (on another worker or replica): one fresh check
+                    if exc.code != "unknown_class" or not self.watcher.refresh(self.registry_budget_s):
+                        raise
+                    index = self._classes.index
+                    rows = index.resolve(names)
             return pixels, index, rows
 
         stop = threading.Event()
@@ -485,27 +561,9 @@ class FlatPrompt:
             raise ServeError(503, "shutting_down", "the worker is shutting down; retry") from None
 
     # -- registry ------------------------------------------------------------------------------
-    def _refresh_index(self) -> ClassIndex:
-        """The current class index, reloaded from the registry when its version moved."""
-        try:
-            version = self.registry.version()
-        except RegistryError as exc:
-            self.metrics.registry_errors.inc()
-            _logger.warning(
-                "registry unreachable, using the classes of version %d: %s", self._index.version, exc
-            )
-            return self._index
-        if version == self._index.version:
-            return self._index
+    def _apply_snapshot(self, snapshot: Snapshot) -> None:
+        """Build the class index of a registry snapshot and swap it in (the watcher's thread)."""
         with self._index_lock:
-            if version == self._index.version:
-                return self._index
-            try:
-                snapshot = self.registry.snapshot()
-            except RegistryError as exc:
-                self.metrics.registry_errors.inc()
-                _logger.warning("registry reload failed, keeping version %d: %s", self._index.version, exc)
-                return self._index
             registered: dict[str, StoredClass] = {}
             rows: list[tuple[str, np.ndarray]] = []
             for stored in snapshot.classes:
@@ -514,17 +572,47 @@ class FlatPrompt:
                     continue
                 registered[stored.key] = stored
                 rows.append((stored.name, self._usable_embedding(stored)))
-            self._registered = registered
-            self._index = ClassIndex.build(
+            index = ClassIndex.build(
                 self._trained_names,
                 self.bundle.class_counts,
                 self.bundle.class_embeddings,
                 rows,
                 snapshot.version,
             )
+            self._classes = _Classes(index, registered)
             self.metrics.registry_reloads.inc()
             self.metrics.registered_classes.set(len(rows))
-            return self._index
+
+    def _publish_registry_state(self, state: RegistryState) -> None:
+        """Gauges after every registry check (``flatprompt_registry_up`` / ``..._staleness_seconds``)."""
+        self.metrics.registry_up.set(1 if state.up else 0)
+        self.metrics.registry_staleness.set(state.staleness_s)
+        if not state.up:
+            self.metrics.registry_errors.inc()
+
+    def _registry_call(self, fn: Any, what: str) -> Any:
+        """A registry write bounded by the budget; 503 ``registry_unavailable`` (+ Retry-After) beyond.
+
+        A write that missed the budget never commits afterwards (see :mod:`serving.registry`)."""
+        try:
+            return call_with_deadline(fn, self.registry_budget_s, name="registry-write", write=True)
+        except RegistryFullError:
+            raise
+        except RegistryError as exc:
+            self.metrics.registry_errors.inc()
+            if not isinstance(exc, RegistryTimeout):  # a timeout is in the 503's own log line
+                logs.log_limited(_logger, logging.WARNING, what, "%s not stored: %s", what, exc)
+            why = (
+                f"did not answer within {self.registry_budget_s:g} s"
+                if isinstance(exc, RegistryTimeout)
+                else "is unavailable"
+            )
+            raise ServeError(
+                503,
+                "registry_unavailable",
+                f"the class registry {why}; nothing was stored, retry later",
+                headers={"retry-after": "1"},
+            ) from None
 
     def _usable_embedding(self, stored: StoredClass) -> np.ndarray:
         """The stored embedding, or (rows written by another bundle, e.g. mid rolling upgrade) a local one."""
@@ -671,7 +759,7 @@ class FlatPrompt:
             name = clean_name(raw, limits.max_name_length)
             cleaned.setdefault(name_key(name), name)
         new_examples = self._new_examples(examples or {}, cleaned)
-        self._refresh_index()
+        known_rows = self._classes.registered
         results: dict[str, str] = {}
         todo: list[NewClass] = []
         need: set[int] = set()  # rows to (re-)embed; the others are expected unchanged
@@ -685,7 +773,7 @@ class FlatPrompt:
                     )
                 results[key] = TRAINED
                 continue
-            known = self._registered.get(key)
+            known = known_rows.get(key)
             weight = text_weight if text_weight is not None or known is None else known.text_weight
             path = self._text_path(text_path, known)
             if (
@@ -711,23 +799,26 @@ class FlatPrompt:
                         todo[i] = self._with_examples(
                             dataclasses.replace(todo[i], embedding=vec), text_weight
                         )
+            rows = list(todo)
             try:
-                statuses = self.registry.upsert(todo, self.bundle_hash, limits.max_registered_classes)
+                statuses = self._registry_call(
+                    lambda rows=rows: self.registry.upsert(
+                        rows, self.bundle_hash, limits.max_registered_classes
+                    ),
+                    "registration",
+                )
             except RegistryFullError as exc:
                 raise ServeError(409, "registry_full", str(exc), limit="registered_classes") from None
-            except RegistryError as exc:
-                self.metrics.registry_errors.inc()
-                _logger.error("registration failed: %s", exc)
-                raise ServeError(
-                    503, "registry_unavailable", "the class registry is unavailable; retry later"
-                ) from None
             need = {i for i, status in enumerate(statuses) if status == NEEDS_EMBEDDING}
             if not need:
                 break
         else:
             raise ServeError(409, "conflict", "the registry kept changing during registration; retry")
         results.update({c.key: s for c, s in zip(todo, statuses, strict=True)})
-        index = self._refresh_index()
+        # this worker answers with the new classes in place (the others see them within a poll interval,
+        # or at once when a request names them); committed either way
+        self.watcher.refresh(self.registry_budget_s, only_if_up=False)
+        current = self._classes
         return {
             "classes": [
                 {
@@ -737,8 +828,8 @@ class FlatPrompt:
                 }
                 for key in cleaned
             ],
-            "registered_total": len(self._registered),
-            "registry_version": index.version,
+            "registered_total": len(current.registered),
+            "registry_version": current.index.version,
         }
 
     def _new_examples(
@@ -771,13 +862,8 @@ class FlatPrompt:
 
     def _with_examples(self, new: NewClass, text_weight: float | None) -> NewClass:
         """Blend a text-embedded class with its example images (stored ones and new ones), if it has any."""
-        try:  # read each time: a concurrent registration may have added examples
-            stored = self.registry.examples(new.key)
-        except RegistryError as exc:
-            self.metrics.registry_errors.inc()
-            raise ServeError(
-                503, "registry_unavailable", f"the class registry is unavailable ({exc}); retry later"
-            ) from None
+        # read each time (a concurrent registration may have added examples), within the registry budget
+        stored = self._registry_call(lambda: self.registry.examples(new.key), "registration")
         by_sha = {e.sha256: e.data for e in stored}
         by_sha.update({e.sha256: e.data for e in new.examples})
         if not by_sha:
@@ -829,21 +915,15 @@ class FlatPrompt:
                 "trained_class",
                 f"{cleaned!r} is a trained class; only registered classes can be deleted",
             )
-        try:
-            deleted = self.registry.delete(key)
-        except RegistryError as exc:
-            self.metrics.registry_errors.inc()
-            _logger.error("delete failed: %s", exc)
-            raise ServeError(
-                503, "registry_unavailable", "the class registry is unavailable; retry later"
-            ) from None
+        deleted = self._registry_call(lambda: self.registry.delete(key), "deletion")
         if not deleted:
             raise ServeError(404, "unknown_class", f"{cleaned!r} is not a registered class")
-        index = self._refresh_index()
+        self.watcher.refresh(self.registry_budget_s, only_if_up=False)
+        current = self._classes
         return {
             "deleted": cleaned,
-            "registered_total": len(self._registered),
-            "registry_version": index.version,
+            "registered_total": len(current.registered),
+            "registry_version": current.index.version,
         }
 
     def _warm_up(self) -> None:
@@ -899,4 +979,5 @@ def _openapi() -> dict[str, Any]:
 
 # The decorator returns a bentoml Service, which mypy sees as the plain class.
 cast(Any, FlatPrompt).add_asgi_middleware(GuardMiddleware)
+install_edge_middleware(FlatPrompt)  # outermost, before BentoML's own (metrics, access log)
 cast(Any, FlatPrompt).add_asgi_middleware(DocsMiddleware, document=_openapi)

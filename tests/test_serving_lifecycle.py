@@ -134,8 +134,14 @@ def test_two_services_share_one_postgres(pg_services: tuple[Server, Server]) -> 
         assert response.json()["results"][0]["labels"][0]["name"] == name
     deleted = checked(httpx.post(a.url + "/unregister", json={"name": name}, headers=AUTH, timeout=60))
     assert deleted.status_code == 200
-    gone = _classify(b.url, [name])
+    gone = _classify(a.url, [name])  # the service that deleted it: at once
     assert gone.status_code == 404 and gone.json()["error"] == "unknown_class"
+    # the other one within a poll interval of its registry watcher (FLATPROMPT_REGISTRY_POLL_S, 0.5 s)
+    started = time.monotonic()
+    while (gone := _classify(b.url, [name])).status_code == 200 and time.monotonic() - started < 5:
+        time.sleep(0.05)
+    assert gone.status_code == 404 and gone.json()["error"] == "unknown_class"
+    assert time.monotonic() - started < 1.5
 
 
 def test_mutations_refused_without_a_token(pg_services: tuple[Server, Server]) -> None:
