@@ -225,6 +225,12 @@ class TooManyParts(BodyRefused):
     status, code, limit, drain = 413, "too_many_images", "images_per_request", True
 
 
+class TooManyExampleParts(TooManyParts):
+    """A ``/register_images`` body has more parts than a class can hold examples."""
+
+    code, limit = "too_many_examples", "examples_per_class"
+
+
 class PartCounter:
     """Counts the parts of a multipart body while it streams, across chunk boundaries.
 
@@ -281,7 +287,11 @@ class GuardMiddleware:
         self.max_in_flight = settings.max_in_flight
         self.timeout_s = settings.request_timeout_s
         self.body_timeout_s = settings.body_timeout_s
-        self.max_parts = limits.max_images_per_request + MULTIPART_FIELD_PARTS
+        # most parts a multipart body of each route can need: its files plus a few form fields
+        self.max_parts = {
+            "/classify": limits.max_images_per_request + MULTIPART_FIELD_PARTS,
+            "/register_images": limits.max_examples_per_class + MULTIPART_FIELD_PARTS,
+        }
         self.in_flight = 0
         self._token = self.config.token.encode("utf-8") if self.config.token else None
 
@@ -426,14 +436,19 @@ class GuardMiddleware:
                     raise self._refuse(
                         state, BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
                     )
-                if counter is not None and counter.feed(chunk) > self.max_parts + 1:
-                    raise self._refuse(
-                        state,
-                        TooManyParts(
-                            f"multipart body with more than {self.max_parts} parts: at most "
-                            f"{self.max_parts - MULTIPART_FIELD_PARTS} images per request"
-                        ),
+                most = self.max_parts.get(state.path, self.max_parts["/classify"])
+                if counter is not None and counter.feed(chunk) > most + 1:
+                    files = most - MULTIPART_FIELD_PARTS
+                    refusal = (
+                        TooManyExampleParts(
+                            f"multipart body with more than {most} parts: at most {files} examples per class"
+                        )
+                        if state.path == "/register_images"
+                        else TooManyParts(
+                            f"multipart body with more than {most} parts: at most {files} images per request"
+                        )
                     )
+                    raise self._refuse(state, refusal)
                 if not message.get("more_body", False):
                     state.body_done.set()
             return message
