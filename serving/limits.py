@@ -5,8 +5,7 @@ BentoML 1.4 has no request-size limit, answers errors in several shapes (``{"err
 for validation errors, ``[{"error"}]`` for raised exceptions, plain text for unknown routes) and
 checks no credentials. :class:`GuardMiddleware` closes those gaps, in this order:
 
-1. probes and ``/metrics`` pass straight through (only their error bodies are normalised), except
-   ``/readyz`` while :mod:`serving.readiness` holds a reason: 503 ``not_ready`` with the reasons;
+1. probes and ``/metrics`` pass straight through (only their error bodies are normalised);
 2. ``/register`` and ``/unregister`` need ``Authorization: Bearer <FLATPROMPT_TOKEN>``, compared
    with :func:`hmac.compare_digest`; with no token configured they answer 403 (never open);
 3. media type per route (multipart for ``/classify``, JSON elsewhere), else 415;
@@ -41,7 +40,6 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from serving import readiness
 from serving.config import ServeConfig
 from serving.errors import code_for_status, error_body, is_error_body, message_from_foreign_body
 from serving.metrics import endpoint_label, get_metrics, outcome_for_status
@@ -300,9 +298,6 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        if path == "/readyz" and (not_ready := readiness.reasons()):
-            await _send_error(send, 503, "not_ready", "; ".join(not_ready), {})
-            return
         if path in PASSTHROUGH_PATHS:
             await self.app(scope, receive, self._normalising_send(send, _State(), scope, count=False))
             return

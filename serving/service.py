@@ -44,7 +44,7 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
-from serving import logs, readiness
+from serving import logs
 from serving.config import ServeConfig, service_settings
 from serving.edge import install_edge_middleware, set_readiness_probe
 from serving.errors import ServeError
@@ -173,12 +173,13 @@ class FlatPrompt:
         measured = str(self.bundle.manifest.get("prompt", {}).get("default_text_path") or "learned")
         self.default_text_path = measured if measured in self.bundle.text_paths else "learned"
         self.provider_ok = self.config.require_provider in (None, self.provider)
+        self.provider_reason = ""  # why the active provider is not the required one (/readyz, the log)
         if not self.provider_ok:
             reason = _provider_reason(
                 self.provider, str(self.config.require_provider), self.bundle.gpu.reason()
             )
             _logger.error("%s: the service stays unready", reason)
-            readiness.set_reason("provider", reason)
+            self.provider_reason = reason
         model_name = str(self.bundle.manifest.get("model", {}).get("name", "unknown"))
         self.metrics.model_info.labels(
             bundle_hash=self.bundle_hash[:16],
@@ -251,7 +252,7 @@ class FlatPrompt:
         if not self._ready:
             return False, "warming up", details
         if not self.provider_ok:
-            return False, f"model runs on {self.provider}, {self.config.require_provider} required", details
+            return False, self.provider_reason, details
         limit = self.config.service.registry_max_staleness_s
         if limit > 0 and state.staleness_s > limit:
             return (
