@@ -16,7 +16,7 @@ def main() -> None:
     from trainer.models import register_model_config
 
     register_model_config(conf)
-    runner.build_task = lambda data: synthetic_task((16, 8, 8), novel=False)  # type: ignore[assignment]
+    runner.build_task = lambda data, problems=None: synthetic_task((16, 8, 8), novel=False)  # type: ignore[assignment]
     rank = int(os.environ["RANK"])
     cfg = load_config(
         None,

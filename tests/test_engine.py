@@ -47,7 +47,7 @@ def _cfg(tmp_path: Path, *extra: str):
 
 @pytest.fixture
 def synthetic(monkeypatch, tiny_clip):
-    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
 
 
 def _prompted(tiny_clip, tiny_tokenizer, seed=0):
@@ -188,10 +188,10 @@ def test_resume_refuses_other_data_or_weights(tmp_path, synthetic, monkeypatch):
     with other counts, another weights file): refused, not resumed on top of the old prompts."""
     first = runner.fit(_cfg(tmp_path, "train.epochs=1"), progress=False)
     ckpt_path = first.out_dir / "checkpoint.pt"
-    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task((12, 6, 4)))
+    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task((12, 6, 4)))
     with pytest.raises(UserError, match="training images per class"):
         runner.fit(_cfg(tmp_path, "train.epochs=1"), progress=False)
-    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
     ckpt = torch.load(ckpt_path, weights_only=False)
     ckpt["identity"]["pretrained"] = "/elsewhere/weights.pt"
     torch.save(ckpt, ckpt_path)

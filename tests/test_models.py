@@ -12,6 +12,7 @@ from tests.export_fixtures import TINY_CONFIG, TINY_NAME, tiny_weights
 from trainer.clip_adapter import activation_name
 from trainer.errors import UserError
 from trainer.models import ModelIdentity, load_clip, resolve_quick_gelu
+from trainer.weights import WeightsSource
 
 
 @pytest.fixture()
@@ -26,6 +27,11 @@ def fake_openai_tag(tmp_path, monkeypatch):
     cfg = {"url": "https://example.invalid/tiny.pt", "hf_hub": "", "quick_gelu": True}
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY_NAME, {"fakeopenai": cfg})
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: str(weights))
+    # and load_clip's look-up before open_clip's download finds it too (not on the network)
+    monkeypatch.setattr(
+        "trainer.models.require_weights",
+        lambda *a, **k: WeightsSource("local", f"fake tag file {weights}", str(weights)),
+    )
     return weights
 
 

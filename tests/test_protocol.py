@@ -107,7 +107,7 @@ def test_schedule_counts_the_last_short_accumulation_group(tmp_path, tiny_clip, 
     from trainer import engine
 
     assert runner.optimizer_steps_per_epoch(5, 2) == 3 and runner.optimizer_steps_per_epoch(4, 2) == 2
-    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
     seen: list[float] = []
     real_step = engine.train_step
 
@@ -196,7 +196,7 @@ def test_best_val_selects_on_validation_and_ships_the_selected_prompts(tmp_path,
     from tests.synthetic import synthetic_task
     from trainer.checkpoint import read_checkpoint
 
-    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
     cfg = _cfg(tmp_path, "eval.select=best_val", "eval.val_fraction=0.25", "train.epochs=3", "optim.lr=0.5")
     result = runner.fit(cfg, progress=False)
     lines = [json.loads(x) for x in (result.out_dir / "metrics.jsonl").read_text().splitlines()]

@@ -49,7 +49,7 @@ def _fit(out: Path, *extra: str) -> Path:
 def runs(tmp_path_factory, tiny_clip):
     """Two tiny finished runs on the synthetic task: SGD, and GNM with DRW switching on at epoch 2."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "build_task", lambda data: synthetic_task())
+    mp.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
     root = tmp_path_factory.mktemp("runs")
     a = _fit(root / "sgd", "train.epochs=1")
     b = _fit(root / "gnm", "optim.name=gnm", "reweight.name=drw", "reweight.start_epoch=1")
@@ -60,7 +60,9 @@ def runs(tmp_path_factory, tiny_clip):
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "build_task", lambda data: synthetic_task())  # the landscape rebuilds the task
+    mp.setattr(
+        runner, "build_task", lambda data, problems=None: synthetic_task()
+    )  # the landscape rebuilds the task
     out = tmp_path_factory.mktemp("report")
     args = ["report", *map(str, runs), "--out", str(out), "--landscape-directions", "2"]
     args += ["--landscape-points", "5", "--device", "cpu"]
@@ -103,7 +105,7 @@ def test_report_json_and_sharpness_are_finite(report):
 
 
 def test_landscape_centre_is_exact_and_prompts_are_restored(runs, monkeypatch):
-    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
     prepared = prepare_run(runs[1], n_images=256, seed=0)
     model = prepared.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

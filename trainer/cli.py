@@ -1,4 +1,4 @@
-"""``python -m trainer`` / ``flatprompt-train``: fit, evaluate, report, pretrain-toy.
+"""``python -m trainer`` / ``flatprompt-train``: fit, check, evaluate, report, pretrain-toy.
 
 Errors a user can cause end as one line on stderr and exit code 2.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -16,12 +17,56 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 _logger = logging.getLogger("trainer")
 
 
+PROJECT_LOGGERS = ("trainer", "export", "serving", "benchmarks", "__main__")
+
+
+class ThirdPartyFilter(logging.Filter):
+    """Keeps third-party log lines below the project's own level, under their own names.
+
+    open_clip logs through the root logger (``logging.info(...)``), so its lines read ``root``: they are
+    renamed after the module that wrote them (``open_clip.factory``). Records of loggers outside
+    :data:`PROJECT_LOGGERS` pass only from WARNING up, or all of them at ``--log-level DEBUG``.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.third_party_level = logging.DEBUG if level <= logging.DEBUG else max(level, logging.WARNING)
+        self._names: dict[str, str] = {}
+
+    def _module_name(self, pathname: str) -> str:
+        if pathname not in self._names:
+            name = "root"
+            for entry in sorted((p for p in sys.path if p), key=len, reverse=True):
+                prefix = os.path.join(os.path.abspath(entry), "")
+                if pathname.startswith(prefix) and pathname.endswith(".py"):
+                    name = pathname[len(prefix) : -3].replace(os.sep, ".").removesuffix(".__init__")
+                    break
+            self._names[pathname] = name
+        return self._names[pathname]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and record.pathname:
+            record.name = self._module_name(record.pathname)
+        top = record.name.split(".", 1)[0]
+        if top in PROJECT_LOGGERS or record.name == "root":
+            return True
+        return record.levelno >= self.third_party_level
+
+
 def setup_logging(level: str = "INFO") -> None:
+    """The project's log lines at ``level`` (``--log-level``); third-party ones only from WARNING up (all at
+    DEBUG), each under its module's name (see :class:`ThirdPartyFilter`)."""
+    value = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=value,
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, ThirdPartyFilter):
+                handler.removeFilter(f)
+        handler.addFilter(ThirdPartyFilter(value))
 
 
 def _fmt(v: float | None) -> str:
@@ -50,10 +95,39 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
     if ns.out:
         overrides.append(f"train.out_dir={ns.out}")
     cfg = load_config(ns.config, overrides)
-    result = fit(cfg, progress=not ns.no_progress)
+    result = fit(cfg, progress=not ns.no_progress, check_args=_check_args(ns.config, ns.set))
     print(f"run: {result.out_dir}")
     print(format_table({"zero-shot": result.zero_shot, "tuned": result.final}))
     return 0
+
+
+def _check_args(config: str | None, sets: list[str] | None) -> str:
+    """The `check` arguments that reproduce a `fit` invocation's config (for messages)."""
+    import shlex
+
+    parts = (["-c", config] if config else []) + [a for s in sets or [] for a in ("--set", s)]
+    return shlex.join(parts) if parts else "-c CONFIG"
+
+
+def _cmd_check(ns: argparse.Namespace) -> int:
+    from trainer.preflight import run_check, write_json
+
+    report = run_check(
+        ns.config,
+        ns.set,
+        device=ns.device,
+        steps=ns.steps,
+        warmup=ns.warmup,
+        workers=ns.workers,
+        progress=not ns.no_progress,
+        download=ns.download,
+        do_dry_run=ns.dry_run,
+        list_classes=ns.list_classes,
+        write=lambda line: print(line, flush=True),
+    )
+    if ns.json:
+        write_json(report, ns.json)
+    return report.exit_code
 
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
@@ -77,13 +151,14 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
 
         spec = preprocess_spec(model.clip)
         name = "tuned"
+        task = build_task(cfg.data)
     else:
         cfg = load_config(ns.config, ns.set)
+        task = build_task(cfg.data)  # the data first: a wrong path fails before any weight is fetched
         tuned, loaded = build_model(cfg, device)
         model = PromptedCLIP(tuned.clip, tuned.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
         spec = loaded.preprocess
         name = "zero-shot"
-    task = build_task(cfg.data)
     with torch.no_grad():
         result = evaluate_task(
             model,
@@ -143,7 +218,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="INFO by default (WARNING for check)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="train prompts (default: the embedded toy world)")
@@ -151,6 +226,33 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.name=gnm")
     fit.add_argument("--out", help="run directory (train.out_dir)")
     fit.add_argument("--no-progress", action="store_true")
+
+    chk = sub.add_parser(
+        "check",
+        help="preflight: config, data (every image decoded), weights, a timed dry run; trains nothing",
+        description="Check a run config without training: the resolved config, the data (classes, counts, "
+        "long-tail profile, a full decode of every image file), where the weights come from and whether the "
+        "model loads, and a few timed optimizer steps with projected epoch and run times. Exit status 0 when "
+        "everything passed, 1 otherwise.",
+    )
+    chk.add_argument("-c", "--config", help="YAML run config (see recipes/)")
+    chk.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. data.root=/data/x")
+    chk.add_argument("--device", help="where to dry-run (default: train.device)")
+    chk.add_argument("--steps", type=int, default=5, help="timed optimizer steps of the dry run (default 5)")
+    chk.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
+    chk.add_argument("--workers", type=int, help="processes decoding images (default: every available core)")
+    chk.add_argument(
+        "--no-dry-run", dest="dry_run", action="store_false", help="skip the timed optimizer steps"
+    )
+    chk.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="do not download weights that are not cached (their size is still reported)",
+    )
+    chk.add_argument("--list-classes", action="store_true", help="one line per class: train / test counts")
+    chk.add_argument("--json", help="also write the report here as JSON")
+    chk.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint, or the zero-shot model of a config")
     ev.add_argument("--checkpoint", help="RUN_DIR/checkpoint.pt (omit for zero-shot)")
@@ -180,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
-    setup_logging(ns.log_level)
+    setup_logging(ns.log_level or ("WARNING" if ns.command == "check" else "INFO"))
     try:
         if ns.command == "pretrain-toy":
             return _cmd_pretrain_toy(ns, rest)
@@ -188,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if ns.command == "fit":
             return _cmd_fit(ns)
+        if ns.command == "check":
+            return _cmd_check(ns)
         if ns.command == "evaluate":
             return _cmd_evaluate(ns)
         if ns.command == "report":

@@ -65,6 +65,27 @@ class DataConfig(_Strict):
     # gnm_cifar = GNM-PT's RandomCrop(32, pad 4) + flip + AutoAugment(CIFAR10) + Cutout(16), then resize;
     # none = the evaluation transform. true / false are read as clip_rrc / none.
     augment: Literal["none", "clip_rrc", "coop", "gnm_cifar"] = "clip_rrc"
+    # cifar100 / cifar100_lt: download cifar-100-python.tar.gz (about 169 MB) into root when it is missing
+    download: bool = False
+    # fit: decode every image file the run reads, on all cores, before the model is loaded (a bad file then
+    # stops the run in minutes, not hours into training); false skips it (`python -m trainer check` does it too)
+    scan: bool = True
+    # leave missing or undecodable image files out of the run, each with a warning, counted in summary.json;
+    # false: they stop the run before the model is loaded
+    skip_unreadable: bool = False
+
+    @model_validator(mode="after")
+    def _check_data(self) -> DataConfig:
+        if self.download and self.kind not in ("cifar100", "cifar100_lt"):
+            raise ValueError(
+                f"data.download=true: only CIFAR-100 (data.kind cifar100 / cifar100_lt) can be downloaded, not "
+                f"{self.kind}; fetch the dataset yourself and set data.root"
+            )
+        if self.skip_unreadable and not self.scan and self.kind not in ("toy", "cifar100", "cifar100_lt"):
+            raise ValueError(
+                "data.skip_unreadable=true needs data.scan=true (the unreadable files are found by the scan)"
+            )
+        return self
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -230,6 +251,9 @@ RESUME_FREE_FIELDS = frozenset(
         "data.train_file",
         "data.test_file",
         "data.names_file",
+        "data.download",
+        "data.scan",
+        "data.skip_unreadable",  # what it skips changes the counts, which are compared by content
         "eval.posthoc_tau",
         "model.pretrained",
         "model.config_path",

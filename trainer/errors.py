@@ -11,3 +11,18 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def shorten(text: str, limit: int = 240) -> str:
+    """``text`` on one line, at most ``limit`` characters, cut at a word boundary with ``...`` (never mid-word).
+
+    Used wherever a third-party exception's message goes into one of ours: those can be long and multi-line.
+    """
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[: max(1, limit - 4)]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:(") + " ..."

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from trainer.clip_adapter import activation_name
-from trainer.errors import UserError
+from trainer.errors import UserError, shorten
+from trainer.weights import looks_like_path, require_weights
 
 _logger = logging.getLogger(__name__)
 
@@ -118,10 +119,6 @@ def preprocess_spec(model: Any) -> PreprocessSpec:
     )
 
 
-def _looks_like_path(pretrained: str) -> bool:
-    return os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
-
-
 def resolve_quick_gelu(
     name: str,
     pretrained: str | None,
@@ -202,7 +199,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise UserError(
-            f"checkpoint {path} could not be read ({type(e).__name__}: {str(e)[:120]}): "
+            f"checkpoint {path} could not be read ({type(e).__name__}: {shorten(str(e), 160)}): "
             "the file is corrupt or not a torch checkpoint; download or export it again"
         ) from e
     if isinstance(obj, dict) and obj.get("format") == COMPACT_FORMAT:
@@ -263,11 +260,12 @@ def load_clip(
             f"(e.g. ViT-B-16, {TOY_MODEL_NAME}) or pass model.config_path with its JSON"
         )
     sha = None
-    if pretrained and (_looks_like_path(pretrained) or Path(pretrained).exists()):
+    if pretrained and (looks_like_path(pretrained) or Path(pretrained).exists()):
         path = Path(pretrained)
         if not path.is_file():
             raise UserError(
-                f"checkpoint {path} does not exist: fix model.pretrained or train/download it first"
+                f"checkpoint {path} does not exist: fix model.pretrained (--set model.pretrained=FILE) or "
+                "train / download it first"
             )
         state, compact = _read_state_dict(path)
         use_quick_gelu, source = resolve_quick_gelu(
@@ -290,7 +288,7 @@ def load_clip(
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches
-            detail = str(e).split("\n\t")[1][:160] if "\n\t" in str(e) else str(e)[:160]
+            detail = shorten(str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e), 200)
             raise UserError(
                 f"checkpoint {path} does not fit model '{name}' ({detail}): pass the model name it was trained with"
             ) from e
@@ -303,6 +301,11 @@ def load_clip(
             raise _unknown_activation(name, pretrained)
         sha = file_sha256(path)
     else:
+        if pretrained:
+            # where the weights come from, before open_clip tries: an unknown tag, or a file that is neither
+            # cached nor reachable, fails here in one line (HF_HUB_OFFLINE honoured), not after the hub
+            # client's retries
+            require_weights(name, pretrained)
         use_quick_gelu, source = resolve_quick_gelu(
             name, pretrained, local_file=False, requested=quick_gelu, require_known=require_known_activation
         )
@@ -310,8 +313,9 @@ def load_clip(
             model = _create(name, pretrained or None, use_quick_gelu)
         except RuntimeError as e:
             raise UserError(
-                f"could not load pretrained weights '{pretrained}' for '{name}' ({str(e)[:160]}): "
-                "check the tag with open_clip.list_pretrained(), or pass a local checkpoint file"
+                f"could not load pretrained weights '{pretrained}' for '{name}' ({shorten(str(e), 300)}): "
+                "check the tag with open_clip.list_pretrained(), or set model.pretrained to a local weights "
+                "file (--set model.pretrained=FILE)"
             ) from e
     built = activation_name(model)
     if built != ("quick_gelu" if use_quick_gelu else "gelu"):

@@ -27,6 +27,7 @@ from trainer import distributed as dist_utils
 from trainer.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, atomic_torch_save, read_checkpoint
 from trainer.config import DataConfig, RunConfig, resume_conflicts
 from trainer.data.base import LabelledImages, TaskData, Transformed
+from trainer.data.checks import CheckedTask, DataFault, check_files
 from trainer.data.sampling import carve_validation
 from trainer.engine import autocast_factory, predict, train_one_epoch, warmup_cosine
 from trainer.errors import UserError
@@ -36,7 +37,7 @@ from trainer.metrics import ShotThresholds, harmonic_mean, thresholds_rule
 from trainer.models import LoadedClip, ModelIdentity, PreprocessSpec, load_clip, load_toy_clip
 from trainer.optim import GNM, build_optimizer
 from trainer.prompts import PromptedCLIP
-from trainer.reweight import build_loss, log_prior
+from trainer.reweight import StepLoss, build_loss, log_prior
 from trainer.transforms import eval_transform, train_transform
 
 _logger = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ _logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------- builders
 
 
-def build_task(data: DataConfig) -> TaskData:
-    """The dataset named by the config, as train / test / novel-test sets."""
+def build_task(data: DataConfig, problems: list[DataFault] | None = None) -> TaskData:
+    """The dataset named by the config, as train / test / novel-test sets (``problems``: see
+    :func:`trainer.data.registry.build_task`)."""
     if data.kind == "toy":
         from trainer.toyworld.task import toy_task
 
@@ -59,7 +61,9 @@ def build_task(data: DataConfig) -> TaskData:
     from trainer.data.registry import build_task as build_dataset_task
 
     if data.root is None:
-        raise UserError(f"data.root is required for data.kind={data.kind}: set it to the dataset folder")
+        raise UserError(
+            f"data.root is required for data.kind={data.kind}: set it to the dataset folder (--set data.root=DIR)"
+        )
     return build_dataset_task(
         data.kind,
         data.root,
@@ -72,6 +76,28 @@ def build_task(data: DataConfig) -> TaskData:
         test_file=data.test_file,
         names_file=data.names_file,
         class_order=data.class_order,
+        download=data.download,
+        problems=problems,
+    )
+
+
+def checked_task(
+    data: DataConfig, *, is_main: bool = True, progress: bool = True, check_args: str = "-c CONFIG"
+) -> CheckedTask:
+    """The task, its data checked before anything expensive (see :func:`trainer.data.checks.check_files`):
+    the paths and class lists as it is built, then (``data.scan``) a full decode of every image file it reads.
+    Under DDP the main process decodes and the others take its list."""
+    problems: list[DataFault] = []
+    task = build_task(data, problems)
+    return check_files(
+        task,
+        problems,
+        scan=data.scan,
+        skip_unreadable=data.skip_unreadable,
+        scan_here=is_main,
+        share=dist_utils.broadcast_object,
+        progress=progress,
+        check_args=check_args,
     )
 
 
@@ -287,6 +313,65 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_train_loader(
+    dataset: Transformed,
+    data: DataConfig,
+    sampler: torch.utils.data.Sampler[int],
+    device: torch.device,
+    world_size: int = 1,
+) -> DataLoader:
+    """The training loader: ``data.batch_size`` per process, ``data.num_workers`` workers, the last short
+    batch dropped unless it is the only one."""
+    return DataLoader(
+        dataset,
+        batch_size=data.batch_size,
+        sampler=sampler,
+        num_workers=data.num_workers,
+        drop_last=len(dataset) > data.batch_size * max(1, world_size),
+        pin_memory=device.type == "cuda",
+    )
+
+
+def build_training(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    counts: list[int],
+    batches_per_epoch: int,
+    device: torch.device,
+    rank: int = 0,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, StepLoss]:
+    """The configured optimizer over the model's trainable parameters, its warm-up + cosine schedule (per
+    optimizer step) and the training loss: what ``fit`` trains with and ``check``'s dry run times."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        params,
+        o.name,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        base=o.base,
+        rho=o.rho,
+        kappa=o.kappa,
+        sigma=o.sigma,
+        clip_sigmas=o.clip_sigmas,
+        beta1=o.beta1,
+        beta2=o.beta2,
+        granularity=o.granularity,
+        seed=cfg.train.seed * 1000 + rank,  # GNM: noise seeded per rank
+    )
+    base_opt = getattr(optimizer, "base_optimizer", optimizer)
+    steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, o.accumulation)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        base_opt, warmup_cosine(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
+    )
+    loss_fn = build_loss(
+        cfg.reweight.name, counts, beta=cfg.reweight.beta, start_epoch=cfg.drw_epoch(), tau=cfg.reweight.tau
+    ).to(device)
+    return optimizer, scheduler, loss_fn
+
+
 @dataclass
 class FitResult:
     out_dir: Path
@@ -334,7 +419,7 @@ def _reset_run_files(out: Path, keep_epochs: int) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
+def fit(cfg: RunConfig, progress: bool = True, check_args: str = "-c CONFIG") -> FitResult:
     """Train prompts as configured; resumes from ``out_dir/checkpoint.pt`` when present and allowed.
 
     A checkpoint written with a different config (outside :data:`trainer.config.RESUME_FREE_FIELDS`) is refused, not
@@ -361,10 +446,11 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         _logger.warning("precision=%s on CPU is slow and approximate; fp32 is recommended there", precision)
     _seed_everything(cfg.train.seed)
 
-    model, loaded = build_model(
-        cfg, device
-    )  # first: a bad model name or checkpoint fails before any data work
-    task = build_task(cfg.data)
+    # cheap things first: the data paths, the class lists and every image file are checked before any weight
+    # is fetched (the config was checked when it was loaded)
+    checked = checked_task(cfg.data, is_main=info.is_main, progress=progress, check_args=check_args)
+    task = checked.task
+    model, loaded = build_model(cfg, device)
     val_ds: LabelledImages | None = None
     if cfg.eval.select == "best_val":  # carved from the training data, before anything is counted
         train_part, val_ds = carve_validation(task.train, cfg.eval.val_fraction, seed=cfg.data.seed)
@@ -393,43 +479,12 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
         sampler = DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=cfg.train.seed)
     else:
         sampler = RandomSampler(train_ds, generator=generator)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.data.batch_size,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        drop_last=len(train_ds) > cfg.data.batch_size * max(1, info.world_size),
-        pin_memory=device.type == "cuda",
-    )
+    loader = build_train_loader(train_ds, cfg.data, sampler, device, world_size=info.world_size)
 
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        params,
-        o.name,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        base=o.base,
-        rho=o.rho,
-        kappa=o.kappa,
-        sigma=o.sigma,
-        clip_sigmas=o.clip_sigmas,
-        beta1=o.beta1,
-        beta2=o.beta2,
-        granularity=o.granularity,
-        seed=cfg.train.seed * 1000 + info.rank,  # GNM: noise seeded per rank
-    )
+    optimizer, scheduler, loss_fn = build_training(cfg, model, counts, len(loader), device, rank=info.rank)
     base_opt = getattr(optimizer, "base_optimizer", optimizer)
-    steps_per_epoch = optimizer_steps_per_epoch(len(loader), o.accumulation)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        base_opt, warmup_cosine(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
-    )
     drw_epoch = cfg.drw_epoch()
-    loss_fn = build_loss(
-        cfg.reweight.name, counts, beta=cfg.reweight.beta, start_epoch=drw_epoch, tau=cfg.reweight.tau
-    ).to(device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     autocast = autocast_factory(device, precision)
 
@@ -610,6 +665,7 @@ def fit(cfg: RunConfig, progress: bool = True) -> FitResult:
             "selection": selection,
             "class_names": task.class_names,
             "class_counts": counts,
+            "data_check": checked.summary(cfg.data.skip_unreadable),
         }
         write_summary_json(out / "summary.json", summary, thresholds, counts)
     dist_utils.cleanup()

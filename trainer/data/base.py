@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -28,6 +29,11 @@ class LabelledImages(Dataset[tuple[Image.Image, int]]):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.load(index), self.targets[index]
+
+    def source_file(self, index: int) -> Path | None:
+        """The image file item ``index`` is decoded from; ``None`` for images held in memory (CIFAR, the toy
+        world), which need no file check."""
+        return None
 
     @property
     def num_classes(self) -> int:

@@ -24,13 +24,15 @@ from PIL import Image
 from trainer.data.base import LabelledImages
 from trainer.data.names import clean_class_names
 from trainer.data.sampling import LabelledSubset, apply_long_tail
-from trainer.errors import UserError
+from trainer.errors import UserError, shorten
 
 _logger = logging.getLogger(__name__)
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 CIFAR100_FOLDER = "cifar-100-python"
+# how a user asks for the download: the config field (CLI) and this module's argument (Python)
+_DOWNLOAD_HINT = "--set data.download=true (download=True in Python)"
 _ROW_BYTES = 3 * 32 * 32
 
 # The only globals a CIFAR pickle needs (numpy 1.x and 2.x module names; py2 strings via _codecs).
@@ -59,7 +61,7 @@ def _load_pickle(path: Path) -> dict[bytes, Any]:
     if not path.is_file():
         raise UserError(
             f"{path}: CIFAR-100 file not found; extract cifar-100-python.tar.gz under the dataset root "
-            "or pass download=True."
+            f"(data.root) again, or download it: {_DOWNLOAD_HINT}."
         )
     try:
         with path.open("rb") as fh:
@@ -104,16 +106,23 @@ def resolve_cifar100_folder(root: str | Path, download: bool = False) -> Path:
     if download:
         from torchvision.datasets.utils import download_and_extract_archive
 
-        _logger.info("downloading CIFAR-100 to %s", root)
-        download_and_extract_archive(CIFAR100_URL, download_root=root, md5=CIFAR100_MD5)
+        _logger.info("downloading CIFAR-100 (about 169 MB) to %s", root)
+        try:
+            download_and_extract_archive(CIFAR100_URL, download_root=str(root), md5=CIFAR100_MD5)
+        except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a bad md5 a RuntimeError
+            raise UserError(
+                f"{root}: could not download CIFAR-100 from {CIFAR100_URL} ({type(e).__name__}: "
+                f"{shorten(str(e), 160)}); fetch cifar-100-python.tar.gz (md5 {CIFAR100_MD5}) yourself and "
+                "extract it there."
+            ) from e
         return folder
     if not root.exists():
         raise UserError(
-            f"{root}: CIFAR-100 root does not exist; point root at the folder holding {CIFAR100_FOLDER}/ "
-            "or pass download=True."
+            f"{root}: CIFAR-100 root does not exist; point data.root at the folder holding {CIFAR100_FOLDER}/ "
+            f"(--set data.root=DIR), or download it there: {_DOWNLOAD_HINT}."
         )
     raise UserError(
-        f"{folder}: not found; extract cifar-100-python.tar.gz into {root} or pass download=True."
+        f"{folder}: not found; extract cifar-100-python.tar.gz into {root}, or download it: {_DOWNLOAD_HINT}."
     )
 
 

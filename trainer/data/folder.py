@@ -34,18 +34,37 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_rgb_image(path: Path) -> Image.Image:
     """Decode one image file as RGB; a missing or undecodable file is a :class:`UserError` naming it."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError as e:
-        raise UserError(f"{path}: image file not found; restore it or remove it from the dataset.") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(
+            f"{path}: image file not found; restore it or remove it from the dataset (or skip unreadable "
+            "files: --set data.skip_unreadable=true)."
+        ) from e
+    except _DECODE_ERRORS as e:
         raise UserError(
             f"{path}: cannot decode image ({type(e).__name__}: {e}); replace the file or remove it from the "
-            "dataset."
+            "dataset (`python -m trainer check` lists every such file; --set data.skip_unreadable=true skips them)."
         ) from e
+
+
+def decode_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as a training image (``None`` when it decodes): the same full RGB decode as
+    :func:`load_rgb_image`, with the reason as a short string."""
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except FileNotFoundError:
+        return "file not found"
+    except _DECODE_ERRORS as e:
+        return f"cannot decode image ({type(e).__name__}: {e})"
+    return None
 
 
 def _list_images(folder: Path, extensions: Sequence[str]) -> list[Path]:
@@ -109,6 +128,7 @@ class ImageFolderImages(LabelledImages):
         self.class_names = clean_class_names(self.class_folders, str(self.root), keep_case)
         self.paths: list[Path] = []
         self.targets = []
+        self.empty_folders: list[Path] = []  # class folders without images (allow_empty_classes)
         for label, name in enumerate(self.class_folders):
             folder = self.root / name
             files = _list_images(folder, extensions) if folder.is_dir() else []
@@ -117,6 +137,7 @@ class ImageFolderImages(LabelledImages):
                     f"{folder}: class folder has no images ({', '.join(extensions)}); add images or remove it."
                 )
             if not files:
+                self.empty_folders.append(folder)
                 _logger.warning("%s: no images for class %r", folder, name)
             self.paths.extend(files)
             self.targets.extend([label] * len(files))
@@ -125,6 +146,9 @@ class ImageFolderImages(LabelledImages):
 
     def load(self, index: int) -> Image.Image:
         return load_rgb_image(self.paths[index])
+
+    def source_file(self, index: int) -> Path:
+        return self.paths[index]
 
     def __repr__(self) -> str:
         return self.description

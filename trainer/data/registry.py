@@ -16,9 +16,14 @@ dataset's own order, not the sorted folder names; docs/recipes.md lists where ea
 
 Finally every training class must have at least one image.
 
+Given a ``problems`` list, the faults that need not stop the build are appended to it instead of raised
+(:class:`~trainer.data.checks.DataFault`): split-file lines whose image is missing (those lines are left
+out), and training classes without images (kept, with count 0). ``python -m trainer check`` reports them
+all at once; ``fit`` decides what to do with them (:func:`~trainer.data.checks.apply_policy`).
+
 Kinds:
 
-- ``"cifar100"``: ``root`` holds ``cifar-100-python/`` (``download=True`` fetches it).
+- ``"cifar100"``: ``root`` holds ``cifar-100-python/`` (``download=True``, ``data.download``, fetches it).
 - ``"cifar100_lt"``: the same with ``imbalance`` defaulting to 100 (10,847 train images).
 - ``"splitfile"``: ImageNet-LT / Places-LT / iNat-2018 text files; needs ``train_file``, ``test_file`` and
   ``names_file`` (relative to ``root`` unless absolute); images are under ``root``.
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data.base import TaskData, class_counts
+from trainer.data.checks import DataFault
 from trainer.data.cifar import CIFAR100
 from trainer.data.folder import ImageFolderImages
 from trainer.data.names import clean_class_name
@@ -66,6 +72,8 @@ class TaskOptions:
     check_files: bool = True
     class_order: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # where recoverable faults go instead of being raised (see the module docstring); None: raise
+    problems: list[DataFault] | None = field(default=None, compare=False)
 
 
 SourceBuilder = Callable[[Path, TaskOptions], TaskData]
@@ -84,7 +92,8 @@ def _reject_extra(kind: str, opts: TaskOptions) -> None:
 def _resolve(root: Path, name: str | None, option: str, kind: str) -> Path:
     if not name:
         raise UserError(
-            f"dataset kind {kind!r} needs the {option} option (a path, relative to {root} or absolute)."
+            f"dataset kind {kind!r} needs the {option} option, data.{option} in a run config (a path, relative "
+            f"to {root} or absolute: --set data.{option}=FILE)."
         )
     p = Path(name).expanduser()
     return p if p.is_absolute() else root / p
@@ -101,24 +110,41 @@ def _build_cifar100(root: Path, opts: TaskOptions) -> TaskData:
 def _build_splitfile(root: Path, opts: TaskOptions) -> TaskData:
     _reject_extra("splitfile", opts)
     if not root.is_dir():
-        raise UserError(f"{root}: dataset root does not exist; point root at the folder holding the images.")
+        raise UserError(
+            f"{root}: dataset root does not exist; point data.root at the folder holding the images and the "
+            "split files (--set data.root=DIR)."
+        )
     names = read_class_names(_resolve(root, opts.names_file, "names_file", "splitfile"), opts.keep_case)
     train_file = _resolve(root, opts.train_file, "train_file", "splitfile")
     test_file = _resolve(root, opts.test_file, "test_file", "splitfile")
-    return TaskData(
-        train=SplitFileImages(root, train_file, names, opts.check_files),
-        test=SplitFileImages(root, test_file, names, opts.check_files),
-    )
+    collect = opts.problems is not None
+    splits = []
+    for split, file in (("train", train_file), ("test", test_file)):
+        ds = SplitFileImages(root, file, names, opts.check_files, drop_missing=collect)
+        if opts.problems is not None:
+            opts.problems.extend(
+                DataFault("missing", str(p), "image does not exist", split, str(file), n)
+                for n, p in ds.missing_lines
+            )
+        splits.append(ds)
+    return TaskData(train=splits[0], test=splits[1])
 
 
 def _build_imagefolder(root: Path, opts: TaskOptions) -> TaskData:
     _reject_extra("imagefolder", opts)
     if not root.is_dir():
         raise UserError(
-            f"{root}: dataset root does not exist; lay images out as root/{opts.train_dir}/<class>/<img> and "
-            f"root/{opts.test_dir}/<class>/<img>."
+            f"{root}: dataset root does not exist; point data.root at a folder laid out as "
+            f"{opts.train_dir}/<class>/<img> and {opts.test_dir}/<class>/<img> (--set data.root=DIR)."
         )
-    train = ImageFolderImages(root / opts.train_dir, keep_case=opts.keep_case)
+    train = ImageFolderImages(
+        root / opts.train_dir, keep_case=opts.keep_case, allow_empty_classes=opts.problems is not None
+    )
+    if opts.problems is not None:
+        opts.problems.extend(
+            DataFault("empty_class", str(folder), "class folder has no images", "train")
+            for folder in train.empty_folders
+        )
     test = ImageFolderImages(
         root / opts.test_dir,
         class_folders=train.class_folders,
@@ -213,6 +239,7 @@ def build_task(
     check_files: bool = True,
     class_order: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    problems: list[DataFault] | None = None,
 ) -> TaskData:
     """Load a dataset and apply the protocol options.
 
@@ -233,6 +260,7 @@ def build_task(
         check_files: ``"splitfile"``: check every listed image exists while loading.
         class_order: a text file, one class per line in the new label order (see :func:`read_class_order`).
         extra: options for registered kinds (e.g. the toy world's); built-in kinds reject any.
+        problems: collect the recoverable faults here instead of raising them (see the module docstring).
 
     Raises:
         UserError: an unknown kind, a bad option, or any dataset error (the message names the file).
@@ -258,6 +286,7 @@ def build_task(
         check_files=check_files,
         class_order=class_order,
         extra=dict(extra or {}),
+        problems=problems,
     )
     root_path = Path(root).expanduser()
     task = BUILDERS[kind](root_path, opts)
@@ -273,7 +302,8 @@ def build_task(
     if opts.imbalance is None:
         if opts.n_max is not None:
             raise UserError(
-                f"n_max={opts.n_max} is set but imbalance is not; set imbalance (IF) too or drop n_max."
+                f"n_max={opts.n_max} is set but imbalance is not; set imbalance (IF) too (--set data.imbalance=100) "
+                "or drop n_max (--set data.n_max=null)."
             )
     elif opts.imbalance != 1 or opts.n_max is not None:
         train = apply_long_tail(train, opts.imbalance, opts.profile_seed, opts.n_max)
@@ -281,12 +311,28 @@ def build_task(
         train = few_shot(train, opts.shots, opts.seed)
     if opts.base_to_novel:
         if task.novel_test is not None:
-            raise UserError(f"dataset kind {kind!r} already defines novel classes; turn base_to_novel off.")
+            raise UserError(
+                f"dataset kind {kind!r} already defines novel classes; turn base_to_novel off "
+                "(--set data.base_to_novel=false)."
+            )
         task = base_to_novel_split(train, test)
     else:
         task = TaskData(train=train, test=test, novel_test=task.novel_test)
     empty = [i for i, n in enumerate(class_counts(task.train.targets, task.train.num_classes)) if n == 0]
-    if empty:
+    if empty and problems is not None:
+        reported = {Path(f.path).name for f in problems if f.kind == "empty_class"}
+        what = str(getattr(task.train, "description", root_path))
+        problems.extend(
+            DataFault(
+                "empty_class",
+                what,
+                f"class {c} ({task.train.class_names[c]!r}) has no training images",
+                "train",
+            )
+            for c in empty
+            if task.train.class_names[c] not in {clean_class_name(r, opts.keep_case) for r in reported}
+        )
+    elif empty:
         c = empty[0]
         raise UserError(
             f"{getattr(task.train, 'description', root_path)}: class {c} ({task.train.class_names[c]!r}) has no "

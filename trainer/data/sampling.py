@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -65,6 +66,9 @@ class LabelledSubset(LabelledImages):
 
     def load(self, index: int) -> Image.Image:
         return self.base.load(self.indices[index])
+
+    def source_file(self, index: int) -> Path | None:
+        return self.base.source_file(self.indices[index])
 
     def __repr__(self) -> str:
         what = self.description or type(self.base).__name__

@@ -135,9 +135,12 @@ class SplitFileImages(LabelledImages):
         class_names: the clean class names (from :func:`read_class_names`), label order.
         check_files: check every listed image exists now (one ``stat`` per line), so a missing image is
             reported with its split-file line instead of mid-training.
+        drop_missing: with ``check_files``, leave the lines whose image is missing out (listed in
+            ``missing_lines`` as ``(line number, path)``) instead of raising.
 
     Raises:
-        UserError: missing root, split-file errors (see :func:`read_split_file`), a listed image that is missing.
+        UserError: missing root, split-file errors (see :func:`read_split_file`), a listed image that is missing
+            (naming the first such line and how many there are).
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class SplitFileImages(LabelledImages):
         split_file: str | Path,
         class_names: Sequence[str],
         check_files: bool = True,
+        drop_missing: bool = False,
     ) -> None:
         self.root = Path(image_root).expanduser()
         self.split_file = Path(split_file)
@@ -156,18 +160,32 @@ class SplitFileImages(LabelledImages):
         self.class_names = list(class_names)
         rel, self.targets, lines = read_split_file(self.split_file, len(self.class_names))
         self.paths = [self.root / r for r in rel]
+        self.missing_lines: list[tuple[int, Path]] = []
         if check_files:
-            for p, n in zip(self.paths, lines, strict=True):
-                if not p.is_file():
-                    raise UserError(
-                        f"{self.split_file}:{n}: image {p} does not exist; fix the path, restore the image, or "
-                        "remove the line."
-                    )
+            present = [p.is_file() for p in self.paths]
+            self.missing_lines = [
+                (n, p) for p, n, ok in zip(self.paths, lines, present, strict=True) if not ok
+            ]
+            if self.missing_lines and not drop_missing:
+                n, p = self.missing_lines[0]
+                more = len(self.missing_lines) - 1
+                raise UserError(
+                    f"{self.split_file}:{n}: image {p} does not exist"
+                    + (f" ({more} more lines of this file name missing images)" if more else "")
+                    + "; fix the path, restore the image, or remove the line (`python -m trainer check` lists "
+                    "them all; --set data.skip_unreadable=true skips them)."
+                )
+            if self.missing_lines:
+                self.paths = [p for p, ok in zip(self.paths, present, strict=True) if ok]
+                self.targets = [t for t, ok in zip(self.targets, present, strict=True) if ok]
         self.description = f"split file {self.split_file}"
         _logger.info("loaded %s: %d images, %d classes", self.description, len(self), self.num_classes)
 
     def load(self, index: int) -> Image.Image:
         return load_rgb_image(self.paths[index])
+
+    def source_file(self, index: int) -> Path:
+        return self.paths[index]
 
     def __repr__(self) -> str:
         return self.description
