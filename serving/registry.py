@@ -68,6 +68,7 @@ _logger = logging.getLogger(__name__)
 
 CLASSES_TABLE = "flatprompt_classes"
 EXAMPLES_TABLE = "flatprompt_examples"
+SCHEMA_WAIT_S = 30.0  # longest start-up wait for a registry another worker holds locked
 META_TABLE = "flatprompt_meta"
 DEADLINE_SETTING = "flatprompt.commit_deadline"  # transaction-local, read by the commit trigger
 DEADLINE_FUNCTION = "flatprompt_commit_deadline"
@@ -297,8 +298,22 @@ class Registry:
             registry = PostgresRegistry(url, statement_timeout_s)
         else:
             raise ValueError(f"unsupported registry URL scheme {scheme!r} (use sqlite:/// or postgresql://)")
-        registry.create_schema()
-        return registry
+        # Workers of one server start together: a SQLite file another worker is migrating stays locked for
+        # longer than a statement's busy timeout may allow, so the schema step (start-up, not a request)
+        # waits for it, up to SCHEMA_WAIT_S.
+        deadline = time.monotonic() + SCHEMA_WAIT_S
+        while True:
+            try:
+                registry.create_schema()
+                return registry
+            except RegistryError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                _logger.info(
+                    "registry %s is locked by another process; waiting to create the schema",
+                    registry.describe(),
+                )
+                time.sleep(0.2)
 
     def describe(self) -> str:
         """The URL without credentials, for logs."""

@@ -113,7 +113,7 @@ def test_config_default_off_and_needs_a_context():
 
 
 def test_fit_logs_the_distance(tmp_path, monkeypatch, tiny_clip):
-    monkeypatch.setattr(runner, "build_task", lambda data: synthetic_task())
+    monkeypatch.setattr(runner, "build_task", lambda *args, **kwargs: synthetic_task())
     cfg = load_config(
         None,
         [
