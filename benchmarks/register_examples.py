@@ -147,13 +147,11 @@ def classify(client: Any, images: list[bytes], names: list[str], targets: list[i
 
 def served(args: argparse.Namespace) -> int:
     """The same measurement through HTTP: register over /register, classify over /classify."""
-    import sys
     import tempfile
 
     import httpx
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
-    from tests.serving_fixtures import start_server
+    from serving.launch import start_server
 
     names = novel_class_names()
     test = ToyImages(names, [args.test_per_class] * len(names), Split.NOVEL_TEST, 0)
