@@ -63,11 +63,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.scenarios.reliability import sigstop_tree  # noqa: E402
 from export.synthetic import png_bomb, png_bytes  # noqa: E402
 from serving.launch import (  # noqa: E402
     Postgres,
     Server,
-    descendants,
     postgres_binaries,
     start_postgres,
     start_server,
@@ -1416,22 +1416,16 @@ def scenario_freeze(ctx: Context) -> Section:
         return section
     pg = start_postgres()
     server = None
-    frozen: list[int] = []
+    thaws: list[Callable[[], None]] = []
 
     def freeze() -> None:
         pid = pg.postmaster_pid()
-        if pid is None:
-            return
-        children = descendants(pid)
-        for target in [pid, *children]:  # the backends too: an unresponsive host, not a refused connection
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(target, signal.SIGSTOP)
-                frozen.append(target)
+        if pid is not None:  # the backends too: an unresponsive host, not a refused connection
+            thaws.append(sigstop_tree(pid))
 
     def thaw() -> None:
-        for target in frozen:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(target, signal.SIGCONT)
+        for undo in thaws:
+            undo()
 
     try:
         server = ctx.server("freeze", registry_url=pg.url)

@@ -34,25 +34,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from serving.errors import error_body
+from serving.limits import PASSTHROUGH_PATHS, ASGIApp, Message, Receive, Scope, Send
 from serving.logs import log_response
-from serving.metrics import endpoint_label, get_metrics, outcome_for_status
+from serving.metrics import ENDPOINTS, endpoint_label, get_metrics, outcome_for_status
 
 _logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-PROBE_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
+PROBE_PATHS = PASSTHROUGH_PATHS
 DOCS_PATHS = frozenset({"/", "/docs.json", "/schema.json"})
-DEFAULT_API_ROUTES = frozenset({"/classify", "/classify_base64", "/register", "/unregister", "/classes"})
+DEFAULT_API_ROUTES = frozenset(f"/{name}" for name in ENDPOINTS)  # outside a worker: the metrics' route list
 UNKNOWN_ENDPOINT = "other"
 NOT_FOUND_MESSAGE = "no such route (the API is described at /docs.json)"
 ERROR_PEEK_BYTES = 4096

@@ -759,7 +759,8 @@ class FlatPrompt:
         for raw in names:
             name = clean_name(raw, limits.max_name_length)
             cleaned.setdefault(name_key(name), name)
-        new_examples = self._new_examples(examples or {}, cleaned)
+        decoded: dict[str, np.ndarray] = {}  # example pixels by sha256, decoded once per call
+        new_examples = self._new_examples(examples or {}, cleaned, decoded)
         known_rows = self._classes.registered
         results: dict[str, str] = {}
         todo: list[NewClass] = []
@@ -798,7 +799,7 @@ class FlatPrompt:
                     vectors = self._embed([todo[i].name for i in ordered], tpl, path)
                     for i, vec in zip(ordered, vectors, strict=True):
                         todo[i] = self._with_examples(
-                            dataclasses.replace(todo[i], embedding=vec), text_weight
+                            dataclasses.replace(todo[i], embedding=vec), text_weight, decoded
                         )
             rows = list(todo)
             try:
@@ -834,9 +835,13 @@ class FlatPrompt:
         }
 
     def _new_examples(
-        self, examples: dict[str, list[bytes]], cleaned: dict[str, str]
+        self, examples: dict[str, list[bytes]], cleaned: dict[str, str], decoded: dict[str, np.ndarray]
     ) -> dict[str, tuple[Example, ...]]:
-        """Example images per class key, checked (decodable, within the limits), deduplicated by sha256."""
+        """Example images per class key, checked (decodable, within the limits), deduplicated by sha256.
+
+        Every image is decoded here, before anything is stored (same 4xx as /classify); the pixels go into
+        ``decoded`` (by sha256) so that embedding them later does not decode them again.
+        """
         limits = self.config.limits
         out: dict[str, tuple[Example, ...]] = {}
         for raw, images in examples.items():
@@ -854,15 +859,17 @@ class FlatPrompt:
                     f"{len(images)} examples for {raw!r}, the limit is {limits.max_examples_per_class} per class",
                     limit="examples_per_class",
                 )
-            self._example_pixels(
-                images
-            )  # every image decodes (same 4xx as /classify) before anything is stored
             unique = {hashlib.sha256(data).hexdigest(): data for data in images}
+            decoded.update(zip(unique, self._example_pixels(list(unique.values())), strict=True))
             out[key] = tuple(Example(sha, data) for sha, data in unique.items())
         return out
 
-    def _with_examples(self, new: NewClass, text_weight: float | None) -> NewClass:
-        """Blend a text-embedded class with its example images (stored ones and new ones), if it has any."""
+    def _with_examples(
+        self, new: NewClass, text_weight: float | None, decoded: dict[str, np.ndarray]
+    ) -> NewClass:
+        """Blend a text-embedded class with its example images (stored ones and new ones), if it has any.
+
+        ``decoded`` holds the pixels of images already decoded in this call (by sha256); it is filled in."""
         # read each time (a concurrent registration may have added examples), within the registry budget
         stored = self._registry_call(lambda: self.registry.examples(new.key), "registration")
         by_sha = {e.sha256: e.data for e in stored}
@@ -881,7 +888,10 @@ class FlatPrompt:
         if weight is None:
             weight = auto_text_weight(len(by_sha))
         assert new.embedding is not None
-        image = self._embed_images(self._example_pixels(list(by_sha.values())))
+        missing = [sha for sha in by_sha if sha not in decoded]
+        if missing:
+            decoded.update(zip(missing, self._example_pixels([by_sha[sha] for sha in missing]), strict=True))
+        image = self._embed_images(np.stack([decoded[sha] for sha in by_sha]))
         return dataclasses.replace(
             new,
             embedding=blend_prototype(new.embedding, image, weight),

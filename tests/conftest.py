@@ -32,3 +32,13 @@ def tiny_tokenizer(tiny_clip):
     import open_clip
 
     return open_clip.get_tokenizer(TINY_NAME)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL server on 127.0.0.1 for one test module (fails naming the package when missing)."""
+    from tests.serving_fixtures import start_postgres
+
+    pg = start_postgres()
+    yield pg
+    pg.stop()

@@ -27,7 +27,7 @@ from serving.registry import (
     StaleRow,
 )
 from serving.service import bundle_hash
-from tests.serving_fixtures import make_bundle, png_bytes, running_server, start_postgres
+from tests.serving_fixtures import make_bundle, png_bytes, running_server
 
 TOKEN = "examples-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -124,13 +124,6 @@ def test_sqlite_registry_from_before_examples_is_migrated(tmp_path: Path) -> Non
         assert reg.snapshot().classes[0].examples == 1
     finally:
         reg.close()
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Any:
-    pg = start_postgres()
-    yield pg
-    pg.stop()
 
 
 def _pg_database(postgres: Any, name: str) -> str:

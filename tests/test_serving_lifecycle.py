@@ -30,7 +30,6 @@ from tests.serving_fixtures import (
     make_bundle,
     png_bytes,
     running_server,
-    start_postgres,
     start_server,
 )
 
@@ -97,13 +96,6 @@ def test_model_store_restart_and_bundle_change(tmp_path: Path) -> None:
 
 
 # -- two services on one PostgreSQL ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    pg = start_postgres()  # fails with the install command when PostgreSQL is missing
-    yield pg
-    pg.stop()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ from tests.serving_fixtures import (
     free_port,
     make_bundle,
     png_bytes,
-    start_postgres,
     start_server,
     wait_until_ready,
 )
@@ -68,13 +67,6 @@ def _classify(url: str, *, candidates: list[str] | None = None, **fields: Any) -
 
 
 # -- a frozen PostgreSQL -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    pg = start_postgres()
-    yield pg
-    pg.stop()
-
-
 def test_frozen_postgres_does_not_freeze_classification(postgres: Postgres, tmp_path: Path) -> None:
     """SIGSTOP of PostgreSQL (postmaster and backends) for 8 s with 2 workers: /classify on trained and
     registered classes keeps answering 200 (p99 < 1 s), /register answers 503 + Retry-After within 1 s

@@ -31,7 +31,7 @@ from serving.registry import (
     RegistryFullError,
 )
 from serving.scoring import ClassIndex
-from tests.serving_fixtures import png_bomb, png_bytes, start_postgres
+from tests.serving_fixtures import png_bomb, png_bytes
 
 # -- config ------------------------------------------------------------------------------------
 
@@ -275,13 +275,6 @@ def test_sqlite_registry(tmp_path: Path) -> None:
     reg = Registry.open(f"sqlite:///{tmp_path}/reg.db")
     assert reg.count() == 1 and reg.version() == 4
     reg.close()
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Any:
-    pg = start_postgres()
-    yield pg
-    pg.stop()
 
 
 def test_postgres_registry(postgres: Any) -> None:

@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from serving.launch import descendants  # one /proc walker for the launcher and the scenarios
+
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count", "_created", "_total")
 
 
@@ -95,24 +97,6 @@ def sigstop_tree(pid: int) -> Callable[[], None]:
                 os.kill(target, signal.SIGCONT)
 
     return thaw
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux ``/proc``)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def alive(pid: int) -> bool:
