@@ -149,7 +149,9 @@ def registry_freeze(
     Returns the figures: ``classify`` (statuses, p50/p99/max seconds while frozen), ``register``
     (statuses, max seconds, Retry-After seen, the names it tried), ``readyz``/``gauges`` sampled while
     frozen, ``current_after_thaw_s`` (first time after the thaw that ``/readyz`` says ``current`` and a
-    registration answers 200) and ``register_after_thaw`` (its status).
+    registration answers 200), ``all_workers_current_after_thaw_s`` (first time after the thaw that
+    the gauges, aggregated over all workers, say up and fresh; ``gauges_after`` their values then) and
+    ``register_after_thaw`` (its status).
     """
     auth = {"Authorization": f"Bearer {token}"}
     data = {"candidates": json.dumps(list(candidates))} if candidates else {}
@@ -229,10 +231,22 @@ def registry_freeze(
                     current_after = time.monotonic() - thawed_at
                     break
             time.sleep(0.05)
-        gauges_after = {
-            "up": metric_value(base_url, "flatprompt_registry_up"),
-            "staleness": metric_value(base_url, "flatprompt_registry_staleness_seconds"),
-        }
+        # /readyz and the registration above reach one worker; the gauges aggregate all of them (up:
+        # min, staleness: max), so a worker whose check was waiting out its deadline at the thaw shows
+        # here one poll later. Poll until every worker is current, and say how long that took.
+        all_current: float | None = None
+        while True:
+            gauges_after = {
+                "up": metric_value(base_url, "flatprompt_registry_up"),
+                "staleness": metric_value(base_url, "flatprompt_registry_staleness_seconds"),
+            }
+            staleness = gauges_after["staleness"]
+            if gauges_after["up"] == 1.0 and staleness is not None and staleness < 2.0:
+                all_current = time.monotonic() - thawed_at
+                break
+            if time.monotonic() - thawed_at >= current_timeout:
+                break
+            time.sleep(0.05)
         stop.set()
         for loop in loops:
             loop.result()
@@ -256,6 +270,7 @@ def registry_freeze(
         "gauges_frozen": gauges,
         "gauges_after": gauges_after,
         "current_after_thaw_s": current_after,
+        "all_workers_current_after_thaw_s": all_current,
         "register_after_thaw": after_status,
     }
 
