@@ -25,10 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
-from trainer import runner
 from trainer.cli import setup_logging
 from trainer.config import DataConfig, load_config
+from trainer.data import tasks
 from trainer.data.base import TaskData
+from trainer.data.checks import DataFault
 from trainer.runner import fit
 
 COLUMNS = {
@@ -50,16 +51,16 @@ PROTOCOL_OVERRIDES = {
 
 def _cached_task_builder() -> None:
     """Render each toy world once per process: fit builds its task anew for every run (same pixels)."""
-    build = runner.build_task
+    build = tasks.task_from_config
     cache: dict[str, TaskData] = {}
 
-    def cached(data: DataConfig) -> TaskData:
+    def cached(data: DataConfig, problems: list[DataFault] | None = None) -> TaskData:
         key = data.model_dump_json()
         if key not in cache:
-            cache[key] = build(data)
+            cache[key] = build(data, problems)
         return cache[key]
 
-    runner.build_task = cached  # type: ignore[assignment]
+    tasks.task_from_config = cached  # type: ignore[assignment]
 
 
 def run_name(opt: str, rw: str, kg: float, seed: int) -> str:

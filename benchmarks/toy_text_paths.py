@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from trainer.checkpoint import load_prompted
 from trainer.config import RunConfig
 from trainer.data.base import Transformed
+from trainer.data.tasks import task_from_config as build_task
 from trainer.models import preprocess_spec
-from trainer.runner import build_task, build_transform
+from trainer.transforms import build_transform
 
 PATHS = ("learned", "handwritten", "ensemble")
 

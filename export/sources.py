@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,27 +95,27 @@ def from_checkpoint(
     ``expect_model`` / ``expect_pretrained`` (the CLI's ``--model`` / ``--pretrained``) must match the
     identity stored in the checkpoint: exporting a checkpoint under another model's name is refused.
     """
-    from trainer.checkpoint import load_prompted, read_checkpoint
+    from trainer.checkpoint import RunCheckpoint, load_prompted
 
-    ckpt = read_checkpoint(path)  # UserError on missing / corrupt / foreign files
-    stored = ckpt.get("identity") or {}
-    if expect_model and stored.get("name") != expect_model:
+    ckpt = RunCheckpoint.load(path)  # UserError on missing / corrupt / foreign / incomplete files
+    stored = ckpt.identity
+    if expect_model and stored.name != expect_model:
         raise UserError(
-            f"checkpoint {ckpt['_path']} was trained on model '{stored.get('name')}', not '{expect_model}': "
+            f"checkpoint {ckpt.path} was trained on model '{stored.name}', not '{expect_model}': "
             "drop --model or pass the checkpoint of that model"
         )
-    if expect_pretrained and stored.get("pretrained") != expect_pretrained:
+    if expect_pretrained and stored.pretrained != expect_pretrained:
         raise UserError(
-            f"checkpoint {ckpt['_path']} was trained on weights '{stored.get('pretrained')}', not "
+            f"checkpoint {ckpt.path} was trained on weights '{stored.pretrained}', not "
             f"'{expect_pretrained}': drop --pretrained or pass the matching checkpoint"
         )
     try:
-        run = load_prompted(ckpt["_path"], device="cpu")
+        run = load_prompted(ckpt, device="cpu")
     except UserError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(
-            f"checkpoint {ckpt['_path']} is incomplete or does not fit its model ({type(e).__name__}: "
+            f"checkpoint {ckpt.path} does not fit its model ({type(e).__name__}: "
             f"{str(e)[:160]}): use a checkpoint written by `python -m trainer fit`"
         ) from e
     model = run.model.float().eval()
@@ -125,16 +126,22 @@ def from_checkpoint(
         identity=run.identity,
         preprocess=preprocess_spec(model.clip),
         kind=PROMPT_TUNED,
-        checkpoint=str(Path(ckpt["_path"]).resolve()),
+        checkpoint=str(Path(str(ckpt.path)).resolve()),
         checkpoint_sha256=run.checkpoint_sha256,
         extra={
             "epoch": run.epoch,
             "novel_class_names": list(run.novel_class_names),
-            "data_kind": ((ckpt.get("config") or {}).get("data") or {}).get("kind"),
-            "data_seed": ((ckpt.get("config") or {}).get("data") or {}).get("seed") or 0,
+            "data_kind": _stored(ckpt.config, "data", "kind"),
+            "data_seed": _stored(ckpt.config, "data", "seed") or 0,
         },
-        handwritten_template=((ckpt.get("config") or {}).get("prompt") or {}).get("template"),
+        handwritten_template=_stored(ckpt.config, "prompt", "template"),
     )
+
+
+def _stored(config: Mapping[str, object], section: str, name: str) -> Any:
+    """A field of a checkpoint's stored config; None when the section or field predates the checkpoint."""
+    part = config.get(section)
+    return part.get(name) if isinstance(part, Mapping) else None
 
 
 def from_loaded_clip(loaded: LoadedClip, class_names: list[str], template: str) -> ExportSource:

@@ -13,10 +13,11 @@ def main() -> None:
     from tests.synthetic import synthetic_task
     from trainer import engine, runner
     from trainer.config import load_config
+    from trainer.data import tasks
     from trainer.models import register_model_config
 
     register_model_config(conf)
-    runner.build_task = lambda data, problems=None: synthetic_task((16, 8, 8), novel=False)  # type: ignore[assignment]
+    tasks.task_from_config = lambda data, problems=None: synthetic_task((16, 8, 8), novel=False)  # type: ignore[assignment]
     rank = int(os.environ["RANK"])
     cfg = load_config(
         None,

@@ -19,6 +19,7 @@ from tests.synthetic import synthetic_task
 from trainer import runner
 from trainer.checkpoint import load_prompted, read_checkpoint
 from trainer.config import load_config
+from trainer.data import tasks
 from trainer.engine import train_step, warmup_cosine
 from trainer.errors import UserError
 from trainer.optim import build_optimizer
@@ -47,7 +48,7 @@ def _cfg(tmp_path: Path, *extra: str):
 
 @pytest.fixture
 def synthetic(monkeypatch, tiny_clip):
-    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
+    monkeypatch.setattr(tasks, "task_from_config", lambda data, problems=None: synthetic_task())
 
 
 def _prompted(tiny_clip, tiny_tokenizer, seed=0):
@@ -146,14 +147,14 @@ def test_fit_resume_is_exact(tmp_path, synthetic, monkeypatch):
     monkeypatch.setattr(runner, "train_one_epoch", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         runner.fit(_cfg(tmp_path / "b", *extra), progress=False)
-    assert read_checkpoint(tmp_path / "b" / "run")["epoch"] == 1
+    assert read_checkpoint(tmp_path / "b" / "run").epoch == 1
     monkeypatch.setattr(runner, "train_one_epoch", original)
     resumed = runner.fit(_cfg(tmp_path / "b", *extra), progress=False)
     a = read_checkpoint(full.out_dir)
     b = read_checkpoint(resumed.out_dir)
-    assert a["epoch"] == b["epoch"] == 2
-    for key in a["prompt_state"]:
-        assert torch.equal(a["prompt_state"][key], b["prompt_state"][key]), key
+    assert a.epoch == b.epoch == 2
+    for key in a.prompt_state:
+        assert torch.equal(a.prompt_state[key], b.prompt_state[key]), key
     assert full.final == resumed.final
 
 
@@ -176,11 +177,11 @@ def test_resume_refuses_a_changed_config(tmp_path, synthetic):
     assert again.final.keys() == first.final.keys()
     for key, value in first.final.items():
         assert again.final[key] == (pytest.approx(value, abs=1e-6) if value is not None else None), key
-    assert read_checkpoint(ckpt)["epoch"] == 1
+    assert read_checkpoint(ckpt).epoch == 1
     fresh = runner.fit(
         _cfg(tmp_path, "train.epochs=1", "reweight.name=drw", "train.resume=false"), progress=False
     )
-    assert read_checkpoint(ckpt)["config"]["reweight"]["name"] == "drw" and fresh.final
+    assert read_checkpoint(ckpt).config["reweight"]["name"] == "drw" and fresh.final
 
 
 def test_resume_refuses_other_data_or_weights(tmp_path, synthetic, monkeypatch):
@@ -188,10 +189,10 @@ def test_resume_refuses_other_data_or_weights(tmp_path, synthetic, monkeypatch):
     with other counts, another weights file): refused, not resumed on top of the old prompts."""
     first = runner.fit(_cfg(tmp_path, "train.epochs=1"), progress=False)
     ckpt_path = first.out_dir / "checkpoint.pt"
-    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task((12, 6, 4)))
+    monkeypatch.setattr(tasks, "task_from_config", lambda data, problems=None: synthetic_task((12, 6, 4)))
     with pytest.raises(UserError, match="training images per class"):
         runner.fit(_cfg(tmp_path, "train.epochs=1"), progress=False)
-    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
+    monkeypatch.setattr(tasks, "task_from_config", lambda data, problems=None: synthetic_task())
     ckpt = torch.load(ckpt_path, weights_only=False)
     ckpt["identity"]["pretrained"] = "/elsewhere/weights.pt"
     torch.save(ckpt, ckpt_path)
@@ -233,7 +234,7 @@ def test_interrupted_run_keeps_last_good_checkpoint(tmp_path, synthetic, monkeyp
     with pytest.raises(RuntimeError, match="simulated"):
         runner.fit(cfg, progress=False)
     ck = read_checkpoint(Path(cfg.train.out_dir))
-    assert ck["epoch"] == 1
+    assert ck.epoch == 1
     leftovers = [p.name for p in Path(cfg.train.out_dir).iterdir() if ".tmp" in p.name]
     assert leftovers == []
 

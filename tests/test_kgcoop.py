@@ -11,6 +11,7 @@ from tests.conftest import TINY_NAME
 from tests.synthetic import synthetic_task
 from trainer import runner
 from trainer.config import load_config
+from trainer.data import tasks
 from trainer.engine import train_step
 from trainer.errors import UserError
 from trainer.kgcoop import KgCoOpRegulariser, build_kg_regulariser
@@ -113,7 +114,7 @@ def test_config_default_off_and_needs_a_context():
 
 
 def test_fit_logs_the_distance(tmp_path, monkeypatch, tiny_clip):
-    monkeypatch.setattr(runner, "build_task", lambda *args, **kwargs: synthetic_task())
+    monkeypatch.setattr(tasks, "task_from_config", lambda *args, **kwargs: synthetic_task())
     cfg = load_config(
         None,
         [

@@ -105,12 +105,12 @@ def test_expected_calibration_error_hand_case() -> None:
 def test_evaluation_summary() -> None:
     probs = np.eye(4)[PREDS] * 0.6 + 0.1
     s = evaluation_summary(PREDS, TARGETS, TRAIN_COUNTS, probs=probs)
-    assert s["top1"] == pytest.approx(4 / 7)
-    assert s["ece"] == pytest.approx(abs(4 / 7 - 0.7))
-    assert s["num_test"] == 7
-    assert s["group_sizes"] == {"many": 2, "medium": 1, "few": 1}
-    assert s["shot_rule"].startswith("LIFT:")
-    assert evaluation_summary(PREDS, TARGETS, TRAIN_COUNTS)["ece"] is None
+    assert s.top1 == pytest.approx(4 / 7)
+    assert s.ece == pytest.approx(abs(4 / 7 - 0.7))
+    assert s.num_test == 7
+    assert s.group_sizes == {"many": 2, "medium": 1, "few": 1}
+    assert s.shot_rule.startswith("LIFT:")
+    assert evaluation_summary(PREDS, TARGETS, TRAIN_COUNTS).ece is None
 
 
 def test_write_per_class_csv(tmp_path: Path) -> None:

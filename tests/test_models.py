@@ -91,7 +91,7 @@ def test_random_init_and_packaged_toy_keep_their_config_activation():
 
 
 def test_checkpoint_rebuild_uses_the_recorded_activation(tmp_path):
-    from trainer.checkpoint import build_prompted, identity_from_dict
+    from trainer.checkpoint import build_prompted
 
     weights = tiny_weights(tmp_path / "w.pt")
     base = load_clip(TINY_NAME, str(weights), str(TINY_CONFIG), quick_gelu=True).identity
@@ -100,7 +100,7 @@ def test_checkpoint_rebuild_uses_the_recorded_activation(tmp_path):
     assert activation_name(model.clip) == "quick_gelu"
     # a checkpoint written before the activation was recorded rebuilds as it was trained (config's GELU)
     legacy = {k: v for k, v in base.to_dict().items() if k != "quick_gelu"}
-    old = identity_from_dict(legacy)
+    old = ModelIdentity(**legacy)
     assert old.quick_gelu is None
     assert activation_name(build_prompted(old, spec, "cpu").clip) == "gelu"
 

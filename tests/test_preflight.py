@@ -123,7 +123,7 @@ def test_check_cifar100_corrupt_pickle_named(tmp_path, capsys, tiny_weights):
 def test_data_download_reaches_the_cifar_loader(tmp_path, monkeypatch):
     import torchvision.datasets.utils as tv_utils
 
-    from trainer.runner import build_task
+    from trainer.data.tasks import task_from_config as build_task
 
     calls = []
 
@@ -242,7 +242,6 @@ def test_fit_wrong_root_fails_fast_without_weights(tmp_path, monkeypatch, capsys
         raise AssertionError("the weight loader was called before the data was checked")
 
     monkeypatch.setattr(trainer.models, "load_clip", never)
-    monkeypatch.setattr(trainer.runner, "load_clip", never)
     monkeypatch.setattr(open_clip, "create_model", never)
     monkeypatch.setattr("trainer.weights.locate_weights", never)
     t0 = time.perf_counter()
@@ -273,7 +272,7 @@ def test_fit_corrupt_image_stops_before_the_model(tmp_path, monkeypatch, capsys,
     bad = root / "train" / "beagle" / "1.jpg"
     _truncate(bad)
     called = []
-    monkeypatch.setattr(trainer.runner, "build_model", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(trainer.training, "build_model", lambda *a, **k: called.append(1))
     sets = [f"data.root={root}", *tiny_weights, "train.epochs=1"]
     argv = ["fit", "-c", str(RECIPES / "gcsam_coop_base2novel.yaml"), "--no-progress", "--out", "r"]
     code = main([*argv, *[x for s in sets for x in ("--set", s)]])

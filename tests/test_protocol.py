@@ -13,8 +13,9 @@ import torch
 
 from tests.conftest import TINY_NAME
 from tests.synthetic import ColourPatches
-from trainer import runner
+from trainer import evaluation, runner, training
 from trainer.config import load_config
+from trainer.data import tasks
 from trainer.data.base import TaskData
 from trainer.metrics import LIFT_THRESHOLDS, harmonic_mean
 from trainer.prompts import PromptedCLIP
@@ -38,7 +39,7 @@ def _unbalanced_task() -> TaskData:
 
 def _evaluate(tiny_clip, tiny_tokenizer, task, **kw):
     model = _prompted(tiny_clip, tiny_tokenizer, task.class_names)
-    return runner.evaluate_task(
+    return evaluation.evaluate_task(
         model,
         task,
         tiny_clip.preprocess,
@@ -55,17 +56,16 @@ def _evaluate(tiny_clip, tiny_tokenizer, task, **kw):
 
 def test_novel_and_hm_are_sample_top1_like_dassl(tiny_clip, tiny_tokenizer):
     result = _evaluate(tiny_clip, tiny_tokenizer, _unbalanced_task())
-    base, novel = result["base"], result["novel"]
-    assert not math.isclose(novel["top1"], novel["mean_per_class"])  # the test below can tell them apart
-    assert result["hm"] == pytest.approx(harmonic_mean(base["top1"], novel["top1"]))
-    assert result["hm_mean_per_class"] == pytest.approx(
-        harmonic_mean(base["mean_per_class"], novel["mean_per_class"])
-    )
-    h = runner.headline(result)
-    assert h["novel"] == novel["top1"] and h["hm"] == result["hm"]
-    assert h["novel_mean_per_class"] == novel["mean_per_class"]
-    assert h["hm_mean_per_class"] == result["hm_mean_per_class"]
-    assert "top-1" in result["hm_rule"]
+    base, novel = result.base, result.novel
+    assert novel is not None and result.hm_rule is not None
+    assert not math.isclose(novel.top1, novel.mean_per_class)  # the test below can tell them apart
+    assert result.hm == pytest.approx(harmonic_mean(base.top1, novel.top1))
+    assert result.hm_mean_per_class == pytest.approx(harmonic_mean(base.mean_per_class, novel.mean_per_class))
+    h = result.headline()
+    assert h["novel"] == novel.top1 and h["hm"] == result.hm
+    assert h["novel_mean_per_class"] == novel.mean_per_class
+    assert h["hm_mean_per_class"] == result.hm_mean_per_class
+    assert "top-1" in result.hm_rule
 
 
 # --------------------------------------------------------------------------------------------- accumulation
@@ -106,8 +106,8 @@ def test_schedule_counts_the_last_short_accumulation_group(tmp_path, tiny_clip, 
     from tests.synthetic import synthetic_task
     from trainer import engine
 
-    assert runner.optimizer_steps_per_epoch(5, 2) == 3 and runner.optimizer_steps_per_epoch(4, 2) == 2
-    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
+    assert training.optimizer_steps_per_epoch(5, 2) == 3 and training.optimizer_steps_per_epoch(4, 2) == 2
+    monkeypatch.setattr(tasks, "task_from_config", lambda data, problems=None: synthetic_task())
     seen: list[float] = []
     real_step = engine.train_step
 
@@ -150,31 +150,31 @@ def test_posthoc_tau_reports_adjusted_groups_beside_the_plain_ones(tiny_clip, ti
         test=ColourPatches([6, 6, 6], seed=2),
     )
     result = _evaluate(tiny_clip, tiny_tokenizer, task, posthoc_tau=1.0)
-    plain, adjusted = result["base"], result["base"]["posthoc"]
-    assert adjusted["tau"] == 1.0
+    plain, adjusted = result.base, result.base.posthoc
+    assert adjusted is not None and adjusted.tau == 1.0
     # recompute from the logits: argmax of z - tau log pi, pi from the training counts
     model = _prompted(tiny_clip, tiny_tokenizer, task.class_names)
     from trainer.engine import predict
 
-    loader = runner._eval_loader(task.test, tiny_clip.preprocess, 8, 0)
+    loader = evaluation.eval_loader(task.test, tiny_clip.preprocess, 8, 0)
     probs, targets = predict(model, loader, task.class_names, torch.device("cpu"), progress=False)
     logits = torch.from_numpy(np.log(probs))
     preds = posthoc_adjust(logits, task.train_counts, 1.0).argmax(1).numpy()
-    assert adjusted["top1"] == pytest.approx(float((preds == targets).mean()))
+    assert adjusted.top1 == pytest.approx(float((preds == targets).mean()))
     per_class = [float((preds[targets == c] == c).mean()) for c in range(3)]
-    assert [adjusted["many"], adjusted["medium"], adjusted["few"]] == pytest.approx(per_class)
-    assert plain["top1"] == pytest.approx(float((probs.argmax(1) == targets).mean()))
-    h = runner.headline(result)
-    assert h["posthoc_few"] == adjusted["few"] and h["few"] == plain["few"]
+    assert [adjusted.many, adjusted.medium, adjusted.few] == pytest.approx(per_class)
+    assert plain.top1 == pytest.approx(float((probs.argmax(1) == targets).mean()))
+    h = result.headline()
+    assert h["posthoc_few"] == adjusted.few and h["few"] == plain.few
     # off by default: nothing extra
-    assert "posthoc" not in _evaluate(tiny_clip, tiny_tokenizer, task)["base"]
+    assert _evaluate(tiny_clip, tiny_tokenizer, task).base.posthoc is None
     assert load_config().eval.posthoc_tau is None
 
 
 def test_posthoc_tau_favours_the_tail():
     probs = np.array([[0.5, 0.3, 0.2]] * 4)
-    out = runner.posthoc_summary(probs, np.array([0, 1, 2, 2]), [1000, 100, 10], 1.0, LIFT_THRESHOLDS)
-    assert out["top1"] == pytest.approx(0.5)  # every sample now goes to the tail class 2
+    out = evaluation.posthoc_summary(probs, np.array([0, 1, 2, 2]), [1000, 100, 10], 1.0, LIFT_THRESHOLDS)
+    assert out.top1 == pytest.approx(0.5)  # every sample now goes to the tail class 2
 
 
 # --------------------------------------------------------------------------------------------- model selection
@@ -196,7 +196,7 @@ def test_best_val_selects_on_validation_and_ships_the_selected_prompts(tmp_path,
     from tests.synthetic import synthetic_task
     from trainer.checkpoint import read_checkpoint
 
-    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
+    monkeypatch.setattr(tasks, "task_from_config", lambda data, problems=None: synthetic_task())
     cfg = _cfg(tmp_path, "eval.select=best_val", "eval.val_fraction=0.25", "train.epochs=3", "optim.lr=0.5")
     result = runner.fit(cfg, progress=False)
     lines = [json.loads(x) for x in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -207,9 +207,10 @@ def test_best_val_selects_on_validation_and_ships_the_selected_prompts(tmp_path,
     assert sel["val_images"] == 6  # 3 + 2 + 1 of the (12, 6, 3) training images
     assert summary["class_counts"] == [9, 4, 2]  # what is left to train on
     ckpt = read_checkpoint(result.out_dir / "checkpoint.pt")
-    for key, value in ckpt["best"]["prompt_state"].items():
-        assert torch.equal(ckpt["prompt_state"][key], value), key
-    assert ckpt["selected"]["epoch"] == sel["epoch"]
+    assert ckpt.best is not None and ckpt.selected is not None
+    for key, value in ckpt.best.prompt_state.items():
+        assert torch.equal(ckpt.prompt_state[key], value), key
+    assert ckpt.selected.epoch == sel["epoch"]
     assert load_config().eval.select == "last"
 
 
@@ -231,10 +232,10 @@ def test_best_val_selects_on_validation_and_ships_the_selected_prompts(tmp_path,
     ],
 )
 def test_two_pass_with_visual_prompts_defaults_to_fp32(precision, device, optim, vpt, expected):
-    assert runner.resolve_precision(precision, device, optim, vpt) == expected
+    assert training.resolve_precision(precision, device, optim, vpt) == expected
 
 
 def test_forced_bf16_two_pass_warns(caplog):
     with caplog.at_level("WARNING", logger="trainer.runner"):
-        runner.resolve_precision("bf16", "cuda", "sam", 10)
+        training.resolve_precision("bf16", "cuda", "sam", 10)
     assert "bf16 rounding" in caplog.text

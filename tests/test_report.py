@@ -15,6 +15,7 @@ from tests.synthetic import synthetic_task
 from trainer import runner
 from trainer.cli import main
 from trainer.config import load_config
+from trainer.data import tasks
 from trainer.landscape import (
     alpha_grid,
     filter_normalized_direction,
@@ -49,7 +50,7 @@ def _fit(out: Path, *extra: str) -> Path:
 def runs(tmp_path_factory, tiny_clip):
     """Two tiny finished runs on the synthetic task: SGD, and GNM with DRW switching on at epoch 2."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
+    mp.setattr(tasks, "task_from_config", lambda data, problems=None: synthetic_task())
     root = tmp_path_factory.mktemp("runs")
     a = _fit(root / "sgd", "train.epochs=1")
     b = _fit(root / "gnm", "optim.name=gnm", "reweight.name=drw", "reweight.start_epoch=1")
@@ -61,7 +62,7 @@ def runs(tmp_path_factory, tiny_clip):
 def report(runs, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(
-        runner, "build_task", lambda data, problems=None: synthetic_task()
+        tasks, "task_from_config", lambda data, problems=None: synthetic_task()
     )  # the landscape rebuilds the task
     out = tmp_path_factory.mktemp("report")
     args = ["report", *map(str, runs), "--out", str(out), "--landscape-directions", "2"]
@@ -105,7 +106,7 @@ def test_report_json_and_sharpness_are_finite(report):
 
 
 def test_landscape_centre_is_exact_and_prompts_are_restored(runs, monkeypatch):
-    monkeypatch.setattr(runner, "build_task", lambda data, problems=None: synthetic_task())
+    monkeypatch.setattr(tasks, "task_from_config", lambda data, problems=None: synthetic_task())
     prepared = prepare_run(runs[1], n_images=256, seed=0)
     model = prepared.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -11,8 +11,7 @@ from torchvision import transforms as T
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.models import PreprocessSpec
-from trainer.runner import build_transform
-from trainer.transforms import Cutout, train_transform
+from trainer.transforms import Cutout, build_transform, train_transform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -135,10 +135,12 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
 
     from trainer.checkpoint import load_prompted
     from trainer.config import RunConfig, load_config
+    from trainer.data.tasks import task_from_config
     from trainer.distributed import DistInfo, resolve_device
+    from trainer.evaluation import evaluate_task, to_jsonable
     from trainer.metrics import ShotThresholds
     from trainer.prompts import PromptedCLIP
-    from trainer.runner import build_model, build_task, evaluate_task, headline
+    from trainer.training import build_model
 
     device = resolve_device(ns.device, DistInfo())
     if ns.checkpoint:
@@ -151,10 +153,10 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
 
         spec = preprocess_spec(model.clip)
         name = "tuned"
-        task = build_task(cfg.data)
+        task = task_from_config(cfg.data)
     else:
         cfg = load_config(ns.config, ns.set)
-        task = build_task(cfg.data)  # the data first: a wrong path fails before any weight is fetched
+        task = task_from_config(cfg.data)  # the data first: a wrong path fails before any weight is fetched
         tuned, loaded = build_model(cfg, device)
         model = PromptedCLIP(tuned.clip, tuned.tokenizer, n_ctx=0, template=cfg.prompt.template).to(device)
         spec = loaded.preprocess
@@ -170,11 +172,11 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
             progress=not ns.no_progress,
             posthoc_tau=cfg.eval.posthoc_tau,
         )
-    h = headline(result)
+    h = result.headline()
     print(format_table({name: h}))
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(to_jsonable(result.to_dict()), f, indent=2)
     return 0
 
 

@@ -69,6 +69,45 @@ def _grads_finite(params: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+def _passes(sharp: SharpnessOptimizer | None, optimizer: torch.optim.Optimizer, micro_batches: int) -> int:
+    """Forward+backward passes per step; two-pass optimizers refuse gradient accumulation."""
+    passes = sharp.passes if sharp is not None else 1
+    if passes == 2 and micro_batches != 1:
+        raise ValueError(
+            f"gradient accumulation ({micro_batches} micro-batches) is not supported with the two-pass "
+            f"optimizer {type(optimizer).__name__}: use accumulation 1"
+        )
+    return passes
+
+
+def _update(
+    base: torch.optim.Optimizer,
+    sharp: SharpnessOptimizer | None,
+    params: list[torch.Tensor],
+    *,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+    is_ddp: bool,
+) -> bool:
+    """The end of a step: unscale, restore theta (sharpness optimizers), clip, step the base optimizer.
+    True when the scaler skipped the step (an fp16 overflow)."""
+    if scaler is not None:
+        scaler.unscale_(base)
+    if sharp is not None:
+        sharp.restore()  # exact copy of theta_old; GCSAM writes its constrained gradient here
+        if sharp.local_final_grad and is_ddp:
+            all_reduce_mean_([p.grad for p in params if p.grad is not None])
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is None:
+        base.step()
+        return False
+    scale_before = scaler.get_scale()
+    scaler.step(base)
+    scaler.update()
+    return scaler.get_scale() < scale_before
+
+
 def train_step(
     model: nn.Module,
     micro_batches: list[Batch],
@@ -88,12 +127,7 @@ def train_step(
     micro-batches each adds 1/k of it.
     """
     sharp: SharpnessOptimizer | None = optimizer if isinstance(optimizer, SharpnessOptimizer) else None
-    passes = sharp.passes if sharp is not None else 1
-    if passes == 2 and len(micro_batches) != 1:
-        raise ValueError(
-            f"gradient accumulation ({len(micro_batches)} micro-batches) is not supported with the two-pass "
-            f"optimizer {type(optimizer).__name__}: use accumulation 1"
-        )
+    passes = _passes(sharp, optimizer, len(micro_batches))
     base = sharp.base_optimizer if sharp is not None else optimizer
     params = [p for g in base.param_groups for p in g["params"] if p.requires_grad]
     is_ddp = isinstance(model, DDP)
@@ -152,22 +186,7 @@ def train_step(
             count += len(labels)
             reg_value = r if reg_value is None else reg_value
 
-    if scaler is not None:
-        scaler.unscale_(base)
-    if sharp is not None:
-        sharp.restore()  # exact copy of theta_old; GCSAM writes its constrained gradient here
-        if sharp.local_final_grad and is_ddp:
-            all_reduce_mean_([p.grad for p in params if p.grad is not None])
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    skipped = False
-    if scaler is not None:
-        scale_before = scaler.get_scale()
-        scaler.step(base)
-        scaler.update()
-        skipped = scaler.get_scale() < scale_before
-    else:
-        base.step()
+    skipped = _update(base, sharp, params, scaler=scaler, grad_clip=grad_clip, is_ddp=is_ddp)
     # k > 1: the micro-batch terms add up to the whole step's loss
     return StepOutput(float(np.sum(losses)) if k > 1 else losses[0], correct, count, skipped, reg_value)
 

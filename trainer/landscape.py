@@ -251,22 +251,23 @@ def prepare_run(
 ) -> PreparedRun:
     """Load ``run_dir/checkpoint.pt`` and rebuild its task from the checkpoint's config.
 
-    ``build_task`` defaults to :func:`trainer.runner.build_task`, looked up at call time (so a test may
+    ``build_task`` defaults to :func:`trainer.data.tasks.task_from_config`, looked up at call time (so a test may
     monkeypatch it there).
     """
-    from trainer import runner
+    from trainer.data import tasks
     from trainer.models import preprocess_spec
+    from trainer.transforms import build_transform
 
     path = Path(run_dir) / CHECKPOINT_NAME
     run = load_prompted(path, device)
     cfg = RunConfig.model_validate(run.config)
-    task = (build_task or runner.build_task)(cfg.data)
+    task = (build_task or tasks.task_from_config)(cfg.data)
     if list(task.class_names) != list(run.class_names):
         raise UserError(
             f"{path}: the rebuilt task's classes ({len(task.class_names)}) differ from the checkpoint's "
             f"({len(run.class_names)}): the dataset changed since training; point data.* at the original data"
         )
-    transform = runner.build_transform(preprocess_spec(run.model.clip), train=False)
+    transform = build_transform(preprocess_spec(run.model.clip), train=False)
     images, labels = landscape_subset(task, transform, n_images, seed)
     dev = torch.device(device)
     return PreparedRun(run.model, images.to(dev), labels.to(dev), cfg)

@@ -223,6 +223,75 @@ def _create(name: str, pretrained: str | None, quick_gelu: bool) -> Any:
     return open_clip.create_model(name, pretrained=pretrained)
 
 
+def _from_local_file(
+    name: str, pretrained: str, quick_gelu: bool | None, require_known_activation: bool
+) -> tuple[Any, bool, str]:
+    """Model ``name`` with the weights of the local file ``pretrained``: (model, quick_gelu, where that
+    came from)."""
+    path = Path(pretrained)
+    if not path.is_file():
+        raise UserError(
+            f"checkpoint {path} does not exist: fix model.pretrained (--set model.pretrained=FILE) or "
+            "train / download it first"
+        )
+    state, compact = _read_state_dict(path)
+    use_quick_gelu, source = resolve_quick_gelu(
+        name,
+        pretrained,
+        local_file=True,
+        compact=compact,
+        requested=quick_gelu,
+        require_known=False,  # refused below, once the file is known to fit the model at all
+    )
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the weights load next
+    try:
+        model = _create(name, None, use_quick_gelu)
+    finally:
+        logging.disable(logging.NOTSET)
+    if model.logit_bias is None:
+        state.pop("logit_bias", None)
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = shorten(str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e), 200)
+        raise UserError(
+            f"checkpoint {path} does not fit model '{name}' ({detail}): pass the model name it was trained with"
+        ) from e
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            f"checkpoint {path} does not fit model '{name}' (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}): pass the model name it was trained with"
+        )
+    if source == UNKNOWN_ACTIVATION and require_known_activation:
+        raise _unknown_activation(name, pretrained)
+    return model, use_quick_gelu, source
+
+
+def _from_hub(
+    name: str, pretrained: str | None, quick_gelu: bool | None, require_known_activation: bool
+) -> tuple[Any, bool, str]:
+    """Model ``name`` with an open_clip hub tag's weights (or random ones without a tag)."""
+    if pretrained:
+        # where the weights come from, before open_clip tries: an unknown tag, or a file that is neither
+        # cached nor reachable, fails here in one line (HF_HUB_OFFLINE honoured), not after the hub
+        # client's retries
+        require_weights(name, pretrained)
+    use_quick_gelu, source = resolve_quick_gelu(
+        name, pretrained, local_file=False, requested=quick_gelu, require_known=require_known_activation
+    )
+    try:
+        model = _create(name, pretrained or None, use_quick_gelu)
+    except RuntimeError as e:
+        raise UserError(
+            f"could not load pretrained weights '{pretrained}' for '{name}' ({shorten(str(e), 300)}): "
+            "check the tag with open_clip.list_pretrained(), or set model.pretrained to a local weights "
+            "file (--set model.pretrained=FILE)"
+        ) from e
+    return model, use_quick_gelu, source
+
+
 def load_clip(
     name: str,
     pretrained: str | None = None,
@@ -259,64 +328,14 @@ def load_clip(
             f"unknown open_clip model '{name}': use one of open_clip.list_models() "
             f"(e.g. ViT-B-16, {TOY_MODEL_NAME}) or pass model.config_path with its JSON"
         )
-    sha = None
     if pretrained and (looks_like_path(pretrained) or Path(pretrained).exists()):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise UserError(
-                f"checkpoint {path} does not exist: fix model.pretrained (--set model.pretrained=FILE) or "
-                "train / download it first"
-            )
-        state, compact = _read_state_dict(path)
-        use_quick_gelu, source = resolve_quick_gelu(
-            name,
-            pretrained,
-            local_file=True,
-            compact=compact,
-            requested=quick_gelu,
-            require_known=False,  # refused below, once the file is known to fit the model at all
+        model, use_quick_gelu, source = _from_local_file(
+            name, pretrained, quick_gelu, require_known_activation
         )
-        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the weights load next
-        try:
-            model = _create(name, None, use_quick_gelu)
-        finally:
-            logging.disable(logging.NOTSET)
-        if model.logit_bias is None:
-            state.pop("logit_bias", None)
-        if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        try:
-            result = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            detail = shorten(str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e), 200)
-            raise UserError(
-                f"checkpoint {path} does not fit model '{name}' ({detail}): pass the model name it was trained with"
-            ) from e
-        if result.missing_keys or result.unexpected_keys:
-            raise UserError(
-                f"checkpoint {path} does not fit model '{name}' (missing {result.missing_keys[:3]}, "
-                f"unexpected {result.unexpected_keys[:3]}): pass the model name it was trained with"
-            )
-        if source == UNKNOWN_ACTIVATION and require_known_activation:
-            raise _unknown_activation(name, pretrained)
-        sha = file_sha256(path)
+        sha = file_sha256(pretrained)
     else:
-        if pretrained:
-            # where the weights come from, before open_clip tries: an unknown tag, or a file that is neither
-            # cached nor reachable, fails here in one line (HF_HUB_OFFLINE honoured), not after the hub
-            # client's retries
-            require_weights(name, pretrained)
-        use_quick_gelu, source = resolve_quick_gelu(
-            name, pretrained, local_file=False, requested=quick_gelu, require_known=require_known_activation
-        )
-        try:
-            model = _create(name, pretrained or None, use_quick_gelu)
-        except RuntimeError as e:
-            raise UserError(
-                f"could not load pretrained weights '{pretrained}' for '{name}' ({shorten(str(e), 300)}): "
-                "check the tag with open_clip.list_pretrained(), or set model.pretrained to a local weights "
-                "file (--set model.pretrained=FILE)"
-            ) from e
+        model, use_quick_gelu, source = _from_hub(name, pretrained, quick_gelu, require_known_activation)
+        sha = None
     built = activation_name(model)
     if built != ("quick_gelu" if use_quick_gelu else "gelu"):
         raise UserError(
@@ -349,6 +368,29 @@ def load_toy_clip(device: str | torch.device = "cpu") -> LoadedClip:
     # the packaged checkpoint is identified by name (pretrained=None) and hash, not by a machine's path
     loaded.identity = replace(loaded.identity, pretrained=None)
     return loaded
+
+
+def load_model(
+    name: str,
+    pretrained: str | None = None,
+    config_path: str | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    quick_gelu: bool | None = None,
+    require_known_activation: bool = True,
+) -> LoadedClip:
+    """The frozen CLIP a run or checkpoint names: the packaged toy CLIP for ``(TOY_MODEL_NAME, None)``,
+    otherwise :func:`load_clip` with the same arguments (the one place that makes this choice)."""
+    if name == TOY_MODEL_NAME and pretrained is None:
+        return load_toy_clip(device)
+    return load_clip(
+        name,
+        pretrained,
+        config_path,
+        device,
+        quick_gelu=quick_gelu,
+        require_known_activation=require_known_activation,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

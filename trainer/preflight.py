@@ -259,8 +259,8 @@ def _data_section(
     from trainer.data.base import class_counts
     from trainer.data.checks import DataFault, drop_files, scan_task, task_files_exist
     from trainer.data.sampling import carve_validation
+    from trainer.data.tasks import task_from_config as build_task
     from trainer.metrics import ShotThresholds, group_sizes, shot_groups, thresholds_rule
-    from trainer.runner import build_task
 
     sec = Section("data")
     d = cfg.data
@@ -392,7 +392,7 @@ def _weights_section(
     import torch
 
     from trainer.models import ensure_toy_model_registered, register_model_config
-    from trainer.runner import build_model
+    from trainer.training import build_model
     from trainer.weights import hub_offline, locate_weights
 
     sec = Section("weights")
@@ -493,14 +493,14 @@ def dry_run(
     from trainer.data.base import Transformed, class_counts
     from trainer.data.sampling import carve_validation
     from trainer.engine import autocast_factory, train_step
-    from trainer.runner import (
+    from trainer.training import (
         TWO_PASS,
         build_train_loader,
         build_training,
-        build_transform,
         optimizer_steps_per_epoch,
         resolve_precision,
     )
+    from trainer.transforms import build_transform
 
     precision = resolve_precision(cfg.train.precision, device.type, cfg.optim.name, cfg.prompt.vpt_length)
     autocast = autocast_factory(device, precision)
@@ -620,7 +620,7 @@ def _time_split(
     from torch.utils.data import DataLoader
 
     from trainer.data.base import Transformed
-    from trainer.runner import build_transform
+    from trainer.transforms import build_transform
 
     if len(ds) == 0:
         return 0.0

@@ -146,3 +146,11 @@ def train_transform(spec: PreprocessSpec, augment: str) -> Any:
             ]
         )
     raise UserError(f"unknown data.augment {augment!r}: use one of {AUGMENTATIONS}")
+
+
+def build_transform(spec: PreprocessSpec, train: bool | str) -> Any:
+    """The evaluation transform (``train`` False / ``"none"``), or the training augmentation named by
+    ``train`` (``"clip_rrc"``, ``"coop"``, ``"gnm_cifar"``; True means ``"clip_rrc"``)."""
+    if train is False or train == "none":
+        return eval_transform(spec)
+    return train_transform(spec, "clip_rrc" if train is True else str(train))

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -265,29 +265,38 @@ def build_task(
     Raises:
         UserError: an unknown kind, a bad option, or any dataset error (the message names the file).
     """
+    return build_task_from(
+        kind,
+        root,
+        TaskOptions(
+            imbalance=imbalance,
+            n_max=n_max,
+            profile_seed=profile_seed,
+            shots=shots,
+            seed=seed,
+            base_to_novel=base_to_novel,
+            train_file=train_file,
+            test_file=test_file,
+            names_file=names_file,
+            train_dir=train_dir,
+            test_dir=test_dir,
+            keep_case=keep_case,
+            download=download,
+            check_files=check_files,
+            class_order=class_order,
+            extra=dict(extra or {}),
+            problems=problems,
+        ),
+    )
+
+
+def build_task_from(kind: str, root: str | Path, opts: TaskOptions) -> TaskData:
+    """:func:`build_task` with its options already gathered in a :class:`TaskOptions` (what
+    :func:`trainer.data.tasks.task_from_config` builds from a run config's ``data`` section)."""
     if kind not in BUILDERS:
         raise UserError(f"unknown dataset kind {kind!r}; use one of {sorted(BUILDERS)}.")
-    if imbalance is None:
-        imbalance = DEFAULT_IMBALANCE.get(kind)
-    opts = TaskOptions(
-        imbalance=imbalance,
-        n_max=n_max,
-        profile_seed=profile_seed,
-        shots=shots,
-        seed=seed,
-        base_to_novel=base_to_novel,
-        train_file=train_file,
-        test_file=test_file,
-        names_file=names_file,
-        train_dir=train_dir,
-        test_dir=test_dir,
-        keep_case=keep_case,
-        download=download,
-        check_files=check_files,
-        class_order=class_order,
-        extra=dict(extra or {}),
-        problems=problems,
-    )
+    if opts.imbalance is None and kind in DEFAULT_IMBALANCE:
+        opts = replace(opts, imbalance=DEFAULT_IMBALANCE[kind])
     root_path = Path(root).expanduser()
     task = BUILDERS[kind](root_path, opts)
     train, test = task.train, task.test
@@ -319,10 +328,10 @@ def build_task(
     else:
         task = TaskData(train=train, test=test, novel_test=task.novel_test)
     empty = [i for i, n in enumerate(class_counts(task.train.targets, task.train.num_classes)) if n == 0]
-    if empty and problems is not None:
-        reported = {Path(f.path).name for f in problems if f.kind == "empty_class"}
+    if empty and opts.problems is not None:
+        reported = {Path(f.path).name for f in opts.problems if f.kind == "empty_class"}
         what = str(getattr(task.train, "description", root_path))
-        problems.extend(
+        opts.problems.extend(
             DataFault(
                 "empty_class",
                 what,
