@@ -288,8 +288,12 @@ class RunSummary:
     class_names: list[str]
     class_counts: list[int]
     data_check: Mapping[str, object] = field(default_factory=dict)
+    # added by write() from the thresholds and counts (read back by read(); None in files that predate them)
+    shot_rule: str | None = None
+    shot_thresholds: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, object]:
+        """What :meth:`write` writes, before it adds the shot rule, thresholds and group sizes."""
         return {
             "zero_shot": self.zero_shot,
             "zero_shot_per_class": self.zero_shot_per_class,
@@ -320,6 +324,10 @@ class RunSummary:
             class_names=[str(n) for n in d.get("class_names") or []],  # type: ignore[attr-defined]
             class_counts=[int(c) for c in d.get("class_counts") or []],  # type: ignore[attr-defined]
             data_check=dict(check) if isinstance(check, Mapping) else {},
+            shot_rule=None if d.get("shot_rule") is None else str(d["shot_rule"]),
+            shot_thresholds={str(k): int(v) for k, v in t.items()}
+            if isinstance(t := d.get("shot_thresholds"), Mapping)
+            else None,
         )
 
     @classmethod

@@ -1,6 +1,7 @@
 """``python -m trainer report RUN_DIR [RUN_DIR ...]``: figures and one HTML page from finished runs.
 
-Reads what :func:`trainer.runner.fit` writes into a run directory (``metrics.jsonl``, ``summary.json``,
+Reads what :func:`trainer.runner.fit` writes into a run directory (``metrics.jsonl`` as
+:class:`~trainer.training.EpochRecord` lines, ``summary.json`` as :class:`~trainer.evaluation.RunSummary`,
 ``config.yaml``, ``predictions_base.npz`` / ``predictions_novel.npz``, ``checkpoint.pt``) and writes into
 ``--out``:
 
@@ -29,7 +30,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from trainer.errors import UserError
+from trainer.evaluation import RunSummary
 from trainer.landscape import SHARPNESS_DEFINITION, Landscape, TaskBuilder, run_landscape
 from trainer.metrics import ShotThresholds, expected_calibration_error
+from trainer.training import EpochRecord
 
 _logger = logging.getLogger(__name__)
 
@@ -87,23 +90,23 @@ class RunRecord:
     path: Path
     label: str
     slug: str
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Any]
+    config: Mapping[str, Any]  # config.yaml as written (a YAML mapping; older runs may lack fields)
+    metrics: list[EpochRecord]
+    summary: RunSummary
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # base / novel
 
     @property
     def final(self) -> dict[str, float | None]:
-        return dict(self.summary.get("final") or {})
+        return dict(self.summary.final)
 
     @property
     def zero_shot(self) -> dict[str, float | None] | None:
-        zs = self.summary.get("zero_shot")
+        zs = self.summary.zero_shot
         return dict(zs) if zs else None
 
     @property
     def thresholds(self) -> ShotThresholds:
-        t = self.summary.get("shot_thresholds") or {}
+        t = self.summary.shot_thresholds or {}
         ev = self.config.get("eval") or {}
         return ShotThresholds(
             int(t.get("many_above", ev.get("many_above", 100))),
@@ -112,14 +115,14 @@ class RunRecord:
 
     @property
     def shot_rule(self) -> str:
-        return str(self.summary.get("shot_rule") or "")
+        return self.summary.shot_rule or ""
 
     @property
     def has_checkpoint(self) -> bool:
         return (self.path / "checkpoint.pt").is_file()
 
 
-def config_label(config: dict[str, Any], fallback: str) -> str:
+def config_label(config: Mapping[str, Any], fallback: str) -> str:
     """``optim.name`` plus the re-weighting (``gnm+DRW``, ``sgd``, ``gcsam+LA``), else ``fallback``."""
     optim = (config.get("optim") or {}).get("name")
     if not optim:
@@ -132,14 +135,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "run"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[EpochRecord]:
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            rows.append(EpochRecord.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if not isinstance(e, json.JSONDecodeError):
+                raise UserError(
+                    f"{path}:{n} is not a metrics record ({type(e).__name__}: {e}): rerun the run"
+                ) from e
             raise UserError(
                 f"{path}:{n} is not valid JSON ({e.msg}): the run's metrics file is damaged"
             ) from e
@@ -160,11 +167,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
             f"run directory {path} has no {' / '.join(missing)}: the run has not finished; "
             "let `python -m trainer fit` complete (it resumes from the checkpoint)"
         )
-    try:
-        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path / 'summary.json'} is not valid JSON ({e.msg}): rerun the evaluation") from e
-    config: dict[str, Any] = {}
+    summary = RunSummary.read(path / "summary.json")
+    config: Mapping[str, Any] = {}
     if (path / "config.yaml").is_file():
         loaded = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         config = loaded if isinstance(loaded, dict) else {}
@@ -227,21 +231,21 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def drw_switch_epoch(metrics: Sequence[dict[str, Any]]) -> int | None:
+def drw_switch_epoch(metrics: Sequence[EpochRecord]) -> int | None:
     """The first (1-indexed) epoch whose record has ``reweight_active`` true, or None."""
     for rec in metrics:
-        if rec.get("reweight_active"):
-            return int(rec["epoch"])
+        if rec.reweight_active:
+            return rec.epoch
     return None
 
 
-def _eval_series(metrics: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def _eval_series(metrics: Sequence[EpochRecord], key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for rec in metrics:
-        ev = rec.get("eval") or {}
-        if ev.get(key) is not None:
-            xs.append(int(rec["epoch"]))
-            ys.append(_pct(ev[key]))
+        value = (rec.eval or {}).get(key)
+        if value is not None:
+            xs.append(rec.epoch)
+            ys.append(_pct(value))
     return xs, ys
 
 
@@ -251,9 +255,8 @@ def _eval_series(metrics: Sequence[dict[str, Any]], key: str) -> tuple[list[int]
 def plot_per_class(run: RunRecord, path: Path) -> Path:
     """Per-class accuracy of the tuned prompts against the training count, bands per shot group; with the
     zero-shot accuracy of each class (hollow grey, joined to its tuned dot) where the run recorded it."""
-    base = (run.summary.get("eval") or {}).get("base") or {}
-    acc = np.array([_pct(v) for v in base.get("per_class") or []])
-    counts = np.asarray(run.summary.get("class_counts") or [], dtype=np.float64)
+    acc = np.array([_pct(v) for v in run.summary.eval.base.per_class])
+    counts = np.asarray(run.summary.class_counts, dtype=np.float64)
     if len(acc) != len(counts) or len(acc) == 0:
         raise UserError(
             f"{run.path / 'summary.json'}: per-class accuracies ({len(acc)}) and class counts ({len(counts)}) "
@@ -283,7 +286,7 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
         if zs.get(g) is not None:
             ax.hlines(_pct(zs[g]), a, b, colors=ZERO_SHOT_COLOUR, linestyles="--", linewidth=1.6, zorder=2)
     finite = np.isfinite(acc)
-    zs_acc = np.array([_pct(v) for v in run.summary.get("zero_shot_per_class") or []])
+    zs_acc = np.array([_pct(v) for v in run.summary.zero_shot_per_class or []])
     if len(zs_acc) == len(acc):  # runs from before zero-shot per class was recorded have none
         both = finite & np.isfinite(zs_acc)
         ax.vlines(counts[both], zs_acc[both], acc[both], colors="#9a9a9a", linewidth=0.7, alpha=0.7, zorder=2)
@@ -364,7 +367,7 @@ def _mark_drw(ax: Axes, drw: int | None, label: bool) -> None:
 def plot_training_curves(run: RunRecord, path: Path) -> Path:
     """Loss, accuracy, many / medium / few and learning rate per epoch; the re-weighting switch marked."""
     m = run.metrics
-    epochs = [int(r["epoch"]) for r in m]
+    epochs = [r.epoch for r in m]
     drw = drw_switch_epoch(m)
     style = {"marker": "o", "markersize": 3, "linewidth": 1.5}
     fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), sharex=True, layout="constrained")
@@ -372,7 +375,7 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
 
     ax_loss.plot(
         epochs,
-        [r.get("train_loss", math.nan) for r in m],
+        [r.train_loss for r in m],
         color="#333",
         label="training loss (as optimised)",
         **style,
@@ -380,7 +383,7 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
     ax_loss.set_ylabel("loss (per-epoch mean)")
     ax_loss.set_title("training loss" + (" (class-weighted after the switch)" if drw is not None else ""))
 
-    ax_acc.plot(epochs, [_pct(r.get("train_acc")) for r in m], color="#999", label="train (running)", **style)
+    ax_acc.plot(epochs, [_pct(r.train_acc) for r in m], color="#999", label="train (running)", **style)
     for key, name, colour in (
         ("base_top1", "test overall", "#1f77b4"),
         ("base_mean_per_class", "test mean/class", "#17becf"),  # dashed: equals overall on a balanced set
@@ -412,18 +415,17 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
 
     ax_lr.plot(
         epochs,
-        [r.get("lr", math.nan) for r in m],
+        [r.lr for r in m],
         color="#333",
         label="learning rate (end of epoch)",
         **style,
     )
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title(
-        "learning rate"
-        + (" and GNM noise factor" if any(r.get("noise_factor") is not None for r in m) else "")
+        "learning rate" + (" and GNM noise factor" if any(r.noise_factor is not None for r in m) else "")
     )
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    noise = [(int(r["epoch"]), float(r["noise_factor"])) for r in m if r.get("noise_factor") is not None]
+    noise = [(r.epoch, r.noise_factor) for r in m if r.noise_factor is not None]
     lr_handles, lr_labels = ax_lr.get_legend_handles_labels()
     if noise:
         ax_nf = ax_lr.twinx()

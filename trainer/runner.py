@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from trainer.errors import UserError
 from trainer.evaluation import EvalReport, Headline, RunSummary, Selection
 from trainer.optim import GNM
 from trainer.prompts import PromptedCLIP
-from trainer.training import TrainingRun, prepare
+from trainer.training import EpochRecord, TrainingRun, prepare
 
 _logger = logging.getLogger(__name__)
 
@@ -46,30 +46,6 @@ class LoopState:
     zero_shot_per_class: list[float] | None = None  # base classes, for per_class.csv and the report
     best: BestEpoch | None = None  # under best_val: the best evaluated epoch so far
     last_eval: EvalReport | None = None
-
-
-@dataclass
-class EpochRecord:
-    """One line of ``metrics.jsonl``."""
-
-    epoch: int
-    train_loss: float
-    train_acc: float
-    lr: float
-    reweight_active: bool
-    noise_factor: float | None
-    skipped_steps: int
-    kg_distance: float | None  # KgCoOp: 1 - mean cos(learned, hand-written), mean over the steps
-    seconds: float
-    eval: Headline | None = None
-    val_mean_per_class: float | None = None
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        for key in ("eval", "val_mean_per_class"):  # present only when the epoch evaluated
-            if d[key] is None:
-                del d[key]
-        return json.dumps(d)
 
 
 RUN_OUTPUTS = ("summary.json", "per_class.csv", "predictions_base.npz", "predictions_novel.npz")

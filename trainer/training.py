@@ -11,11 +11,14 @@ returns a :class:`TrainingRun`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ from trainer.data.tasks import checked_task
 from trainer.distributed import DistInfo
 from trainer.engine import autocast_factory, predict, warmup_cosine
 from trainer.errors import UserError
-from trainer.evaluation import EvalReport, eval_loader, evaluate_task, evaluation_summary
+from trainer.evaluation import EvalReport, Headline, eval_loader, evaluate_task, evaluation_summary
 from trainer.kgcoop import KgCoOpRegulariser, build_kg_regulariser
 from trainer.metrics import ShotThresholds
 from trainer.models import LoadedClip, ModelIdentity, load_model
@@ -170,6 +173,52 @@ def build_training(
 
 
 # ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class EpochRecord:
+    """One line of ``metrics.jsonl``."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    lr: float
+    reweight_active: bool
+    noise_factor: float | None
+    skipped_steps: int
+    kg_distance: float | None  # KgCoOp: 1 - mean cos(learned, hand-written), mean over the steps
+    seconds: float
+    eval: Headline | None = None
+    val_mean_per_class: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EpochRecord:
+        """A parsed ``metrics.jsonl`` line; fields added later than the line default to empty."""
+        ev = d.get("eval")
+        return cls(
+            epoch=int(d["epoch"]),
+            train_loss=float(d["train_loss"]),
+            train_acc=float(d["train_acc"]),
+            lr=float(d["lr"]),
+            reweight_active=bool(d.get("reweight_active", False)),
+            noise_factor=None if d.get("noise_factor") is None else float(d["noise_factor"]),
+            skipped_steps=int(d.get("skipped_steps") or 0),
+            kg_distance=None if d.get("kg_distance") is None else float(d["kg_distance"]),
+            seconds=float(d.get("seconds") or 0.0),
+            eval={str(k): None if v is None else float(v) for k, v in ev.items()}
+            if isinstance(ev, Mapping)
+            else None,
+            val_mean_per_class=None
+            if d.get("val_mean_per_class") is None
+            else float(d["val_mean_per_class"]),
+        )
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        for key in ("eval", "val_mean_per_class"):  # present only when the epoch evaluated
+            if d[key] is None:
+                del d[key]
+        return json.dumps(d)
 
 
 @dataclass
