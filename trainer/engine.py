@@ -80,6 +80,17 @@ def _passes(sharp: SharpnessOptimizer | None, optimizer: torch.optim.Optimizer, 
     return passes
 
 
+def _ascent_overflowed(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[torch.Tensor]
+) -> bool:
+    """fp16 overflow in the ascent pass: nothing was perturbed; skip the step like GradScaler would."""
+    if scaler is None or _grads_finite(params):
+        return False
+    optimizer.zero_grad(set_to_none=True)
+    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    return True
+
+
 def _update(
     base: torch.optim.Optimizer,
     sharp: SharpnessOptimizer | None,
@@ -171,10 +182,7 @@ def train_step(
         losses.append(loss)
         count = len(labels)
         assert sharp is not None
-        if scaler is not None and not _grads_finite(params):
-            # fp16 overflow in the ascent pass: nothing was perturbed; skip like GradScaler would
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        if _ascent_overflowed(optimizer, scaler, params):
             return StepOutput(loss, correct, count, skipped=True, regulariser=reg_value)
         sharp.first_step(zero_grad=True, grad_scale=scaler.get_scale() if scaler is not None else 1.0)
         forward_backward(images, labels, sync=not sharp.local_final_grad)

@@ -274,17 +274,7 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
     zs = run.zero_shot or {}
     tuned = run.final
     handles: list[Any] = []
-    for g, (a, b) in edges.items():
-        a, b = max(a, lo), min(b, hi)
-        if a >= b:
-            continue
-        ax.axvspan(a, b, color=BAND_COLOURS[g], zorder=0)
-        n = int((groups == g).sum())
-        ax.text(math.sqrt(a * b), 103, f"{g} ({n})", ha="center", va="bottom", fontsize=9, color="#444")
-        if tuned.get(g) is not None:
-            ax.hlines(_pct(tuned[g]), a, b, colors=GROUP_COLOURS[g], linewidth=2, zorder=2)
-        if zs.get(g) is not None:
-            ax.hlines(_pct(zs[g]), a, b, colors=ZERO_SHOT_COLOUR, linestyles="--", linewidth=1.6, zorder=2)
+    _group_bands(ax, edges, (lo, hi), groups, tuned, zs)
     finite = np.isfinite(acc)
     zs_acc = np.array([_pct(v) for v in run.summary.zero_shot_per_class or []])
     if len(zs_acc) == len(acc):  # runs from before zero-shot per class was recorded have none
@@ -325,13 +315,7 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
                 [], [], color=ZERO_SHOT_COLOUR, linestyle="--", linewidth=1.6, label="zero-shot: group mean"
             )
         )
-    ax.set_xscale("log")
-    ax.set_xlim(lo, hi)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _minor_label(v, lo, hi) else ""))
-    ax.set_ylim(-3, 112)
-    ax.set_xlabel("training images of the class (log scale)")
-    ax.set_ylabel("test accuracy of the class (%)")
+    _count_axis(ax, lo, hi)
     overall = _pct(tuned.get("base_top1"))
     ax.set_title(f"{run.label}: per-class accuracy vs training count (overall {overall:.1f}%)")
     # below the axes: inside, it would hide the points of whichever corner it took
@@ -342,6 +326,41 @@ def plot_per_class(run: RunRecord, path: Path) -> Path:
     if run.shot_rule:
         ax.text(0.01, 0.01, run.shot_rule, transform=ax.transAxes, fontsize=7, color="#555")
     return _save(fig, path)
+
+
+def _group_bands(
+    ax: Axes,
+    edges: Mapping[str, tuple[float, float]],
+    limits: tuple[float, float],
+    groups: np.ndarray,
+    tuned: Mapping[str, float | None],
+    zs: Mapping[str, float | None],
+) -> None:
+    """A shaded band per shot group, labelled with its class count, with the tuned (solid) and zero-shot
+    (dashed) group means across it."""
+    lo, hi = limits
+    for g, (a, b) in edges.items():
+        a, b = max(a, lo), min(b, hi)
+        if a >= b:
+            continue
+        ax.axvspan(a, b, color=BAND_COLOURS[g], zorder=0)
+        n = int((groups == g).sum())
+        ax.text(math.sqrt(a * b), 103, f"{g} ({n})", ha="center", va="bottom", fontsize=9, color="#444")
+        if (t := tuned.get(g)) is not None:
+            ax.hlines(_pct(t), a, b, colors=GROUP_COLOURS[g], linewidth=2, zorder=2)
+        if (z := zs.get(g)) is not None:
+            ax.hlines(_pct(z), a, b, colors=ZERO_SHOT_COLOUR, linestyles="--", linewidth=1.6, zorder=2)
+
+
+def _count_axis(ax: Axes, lo: float, hi: float) -> None:
+    """Log x axis of training counts over [lo, hi], accuracy in percent on y."""
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _minor_label(v, lo, hi) else ""))
+    ax.set_ylim(-3, 112)
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy of the class (%)")
 
 
 def _minor_label(v: float, lo: float, hi: float) -> bool:
@@ -364,6 +383,33 @@ def _mark_drw(ax: Axes, drw: int | None, label: bool) -> None:
         )
 
 
+def _accuracy_panel(ax_acc: Axes, run: RunRecord, epochs: list[int], style: Mapping[str, Any]) -> None:
+    """Training accuracy and the evaluated test accuracies per epoch, zero-shot overall as a line."""
+    m = run.metrics
+    ax_acc.plot(epochs, [_pct(r.train_acc) for r in m], color="#999", label="train (running)", **style)
+    for key, name, colour in (
+        ("base_top1", "test overall", "#1f77b4"),
+        ("base_mean_per_class", "test mean/class", "#17becf"),  # dashed: equals overall on a balanced set
+        ("novel", "novel", "#2ca02c"),
+        ("hm", "HM", "#8c564b"),
+    ):
+        xs, ys = _eval_series(m, key)
+        if xs:
+            dashed: dict[str, Any] = {"linestyle": "--"} if key == "base_mean_per_class" else {}
+            ax_acc.plot(xs, ys, color=colour, label=name, **style, **dashed)
+    zs = run.zero_shot or {}
+    if zs.get("base_top1") is not None:
+        ax_acc.axhline(
+            _pct(zs["base_top1"]),
+            color=ZERO_SHOT_COLOUR,
+            linestyle="--",
+            linewidth=1,
+            label="zero-shot overall",
+        )
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title("accuracy")
+
+
 def plot_training_curves(run: RunRecord, path: Path) -> Path:
     """Loss, accuracy, many / medium / few and learning rate per epoch; the re-weighting switch marked."""
     m = run.metrics
@@ -383,28 +429,7 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
     ax_loss.set_ylabel("loss (per-epoch mean)")
     ax_loss.set_title("training loss" + (" (class-weighted after the switch)" if drw is not None else ""))
 
-    ax_acc.plot(epochs, [_pct(r.train_acc) for r in m], color="#999", label="train (running)", **style)
-    for key, name, colour in (
-        ("base_top1", "test overall", "#1f77b4"),
-        ("base_mean_per_class", "test mean/class", "#17becf"),  # dashed: equals overall on a balanced set
-        ("novel", "novel", "#2ca02c"),
-        ("hm", "HM", "#8c564b"),
-    ):
-        xs, ys = _eval_series(m, key)
-        if xs:
-            dashed = {"linestyle": "--"} if key == "base_mean_per_class" else {}
-            ax_acc.plot(xs, ys, color=colour, label=name, **style, **dashed)
-    zs = run.zero_shot or {}
-    if zs.get("base_top1") is not None:
-        ax_acc.axhline(
-            _pct(zs["base_top1"]),
-            color=ZERO_SHOT_COLOUR,
-            linestyle="--",
-            linewidth=1,
-            label="zero-shot overall",
-        )
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("accuracy")
+    _accuracy_panel(ax_acc, run, epochs, style)
 
     for g in ("many", "medium", "few"):
         xs, ys = _eval_series(m, g)
@@ -866,6 +891,52 @@ class ReportResult:
     table: list[dict[str, Any]]
 
 
+def _landscape_figures(
+    runs: Sequence[RunRecord],
+    out: Path,
+    notes: list[str],
+    written: list[Path],
+    shared: dict[str, str],
+    *,
+    n_images: int,
+    n_directions: int,
+    n_points: int,
+    seed: int,
+    device: str,
+    build_task: TaskBuilder | None,
+) -> list[Landscape]:
+    """The loss landscape of every run that has a checkpoint and whose task can be rebuilt here, and its
+    two figures (appended to ``written`` / ``shared``); what was left out goes to ``notes``."""
+    results: list[Landscape] = []
+    for run in runs:
+        if not run.has_checkpoint:
+            notes.append(f"{run.label}: no checkpoint.pt, left out of the loss landscape")
+            continue
+        try:
+            results.append(
+                run_landscape(
+                    run.path,
+                    label=run.label,
+                    n_images=n_images,
+                    n_directions=n_directions,
+                    n_points=n_points,
+                    seed=seed,
+                    device=device,
+                    build_task=build_task,
+                )
+            )
+        except UserError as e:
+            _logger.warning("loss landscape of %s skipped: %s", run.path, e)
+            notes.append(f"{run.label}: loss landscape skipped ({e})")
+    if results:
+        index = {r.label: i for i, r in enumerate(runs)}
+        written.append(plot_landscape(results, out / "landscape.png", index))
+        shared["landscape"] = written[-1].name
+        written.append(plot_sharpness(results, out / "sharpness.png"))
+        shared["sharpness"] = written[-1].name
+    return results
+
+
 def build_report(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
@@ -908,34 +979,23 @@ def build_report(
     if len(runs) > 1 or any(r.zero_shot for r in runs):
         written.append(plot_comparison(runs, out / "comparison.png"))
         shared["comparison"] = written[-1].name
-    results: list[Landscape] = []
-    if landscape:
-        for run in runs:
-            if not run.has_checkpoint:
-                notes.append(f"{run.label}: no checkpoint.pt, left out of the loss landscape")
-                continue
-            try:
-                results.append(
-                    run_landscape(
-                        run.path,
-                        label=run.label,
-                        n_images=landscape_images,
-                        n_directions=landscape_directions,
-                        n_points=landscape_points,
-                        seed=seed,
-                        device=device,
-                        build_task=build_task,
-                    )
-                )
-            except UserError as e:
-                _logger.warning("loss landscape of %s skipped: %s", run.path, e)
-                notes.append(f"{run.label}: loss landscape skipped ({e})")
-        if results:
-            index = {r.label: i for i, r in enumerate(runs)}
-            written.append(plot_landscape(results, out / "landscape.png", index))
-            shared["landscape"] = written[-1].name
-            written.append(plot_sharpness(results, out / "sharpness.png"))
-            shared["sharpness"] = written[-1].name
+    results = (
+        _landscape_figures(
+            runs,
+            out,
+            notes,
+            written,
+            shared,
+            n_images=landscape_images,
+            n_directions=landscape_directions,
+            n_points=landscape_points,
+            seed=seed,
+            device=device,
+            build_task=build_task,
+        )
+        if landscape
+        else []
+    )
     table = [
         {"run": name, "zero_shot": is_zs, **{k: h.get(k) for k, _ in TABLE_COLUMNS}}
         for name, h, is_zs in _comparison_rows(runs)
