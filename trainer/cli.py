@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Mapping
 
 from trainer.errors import EXIT_USER_ERROR, UserError
 
@@ -180,7 +180,7 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+def _flatten(tree: Mapping[str, object], prefix: str = "") -> list[str]:
     out: list[str] = []
     for k, v in tree.items():
         key = f"{prefix}{k}"

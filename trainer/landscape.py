@@ -91,7 +91,7 @@ class Landscape:
         """``max_alpha Lbar(alpha) - L(theta)`` over the grid."""
         return float(self.mean_curve.max() - self.center_loss)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "label": self.label,
             "alphas": [float(a) for a in self.alphas],

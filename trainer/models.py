@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class ModelIdentity:
         """``"quick_gelu"`` / ``"gelu"`` (None when not recorded)."""
         return None if self.quick_gelu is None else ("quick_gelu" if self.quick_gelu else "gelu")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -398,7 +399,10 @@ def load_model(
 
 
 def save_compact_clip(
-    model: torch.nn.Module, path: str | os.PathLike[str], used_token_ids: list[int], meta: dict[str, Any]
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    used_token_ids: list[int],
+    meta: Mapping[str, object],
 ) -> None:
     """Save fp16 weights and only the token-embedding rows in ``used_token_ids`` (the rest load as zeros)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -417,7 +421,7 @@ def save_compact_clip(
     os.replace(tmp, path)
 
 
-def expand_compact_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+def expand_compact_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
     values = obj["token_values"].float()
     emb = torch.zeros(int(obj["vocab_size"]), values.shape[1])

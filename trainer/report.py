@@ -395,8 +395,8 @@ def _accuracy_panel(ax_acc: Axes, run: RunRecord, epochs: list[int], style: Mapp
     ):
         xs, ys = _eval_series(m, key)
         if xs:
-            dashed: dict[str, Any] = {"linestyle": "--"} if key == "base_mean_per_class" else {}
-            ax_acc.plot(xs, ys, color=colour, label=name, **style, **dashed)
+            linestyle = "--" if key == "base_mean_per_class" else "-"
+            ax_acc.plot(xs, ys, color=colour, label=name, linestyle=linestyle, **style)
     zs = run.zero_shot or {}
     if zs.get("base_top1") is not None:
         ax_acc.axhline(
@@ -473,10 +473,12 @@ def plot_training_curves(run: RunRecord, path: Path) -> Path:
         ax.grid(True, alpha=0.3)
         if i >= 2:
             ax.set_xlabel("epoch (a point = the end of that epoch)")
-    outside: dict[str, Any] = {"fontsize": 8, "loc": "upper left", "borderaxespad": 0.0}
     for ax in (ax_loss, ax_acc, ax_grp):
-        ax.legend(bbox_to_anchor=(1.02, 1.0), **outside)
-    ax_lr.legend(lr_handles, lr_labels, bbox_to_anchor=(1.14 if noise else 1.02, 1.0), **outside)
+        ax.legend(bbox_to_anchor=(1.02, 1.0), fontsize=8, loc="upper left", borderaxespad=0.0)
+    lr_anchor = (1.14 if noise else 1.02, 1.0)
+    ax_lr.legend(
+        lr_handles, lr_labels, bbox_to_anchor=lr_anchor, fontsize=8, loc="upper left", borderaxespad=0.0
+    )
     for ax in axes.flat:
         ax.set_xlim(0, max(epochs, default=1) + 0.5)
         if len(epochs) <= 12:
@@ -756,7 +758,7 @@ def _table_html(runs: Sequence[RunRecord]) -> str:
 def _config_html(run: RunRecord) -> str:
     """The settings that tell runs apart, from the run's ``config.yaml``."""
 
-    def sec(name: str) -> dict[str, Any]:
+    def sec(name: str) -> Mapping[str, Any]:
         return dict(run.config.get(name) or {})
 
     model, data, prompt, optim, rw, train = (
@@ -888,7 +890,7 @@ class ReportResult:
     html: Path
     figures: list[Path]
     landscapes: list[Landscape]
-    table: list[dict[str, Any]]
+    table: list[dict[str, str | float | bool | None]]
 
 
 def _landscape_figures(
