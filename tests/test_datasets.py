@@ -535,3 +535,13 @@ def test_class_order_reaches_the_run_config() -> None:
     from trainer.config import load_config
 
     assert load_config(None, ["data.class_order=order.txt"]).data.class_order == "order.txt"
+
+
+def test_config_dataset_kinds_are_the_registered_ones() -> None:
+    """``data.kind`` accepts exactly the registry's kinds plus the toy world (built by trainer.data.tasks)."""
+    import typing
+
+    from trainer.config import DataConfig
+
+    allowed = set(typing.get_args(DataConfig.model_fields["kind"].annotation))
+    assert allowed == set(BUILDERS) | {"toy"}, allowed ^ (set(BUILDERS) | {"toy"})
