@@ -35,7 +35,7 @@ from trainer.evaluation import evaluation_summary, write_per_class_csv, write_su
 from trainer.kgcoop import build_kg_regulariser
 from trainer.metrics import ShotThresholds, harmonic_mean, thresholds_rule
 from trainer.models import LoadedClip, ModelIdentity, PreprocessSpec, load_clip, load_toy_clip
-from trainer.optim import GNM, build_optimizer
+from trainer.optim import TWO_PASS, build_optimizer, epoch_stats, on_epoch
 from trainer.prompts import PromptedCLIP
 from trainer.reweight import StepLoss, build_loss, log_prior
 from trainer.transforms import eval_transform, train_transform
@@ -275,9 +275,6 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
 # ----------------------------------------------------------------------------------------------- fit
 
 
-TWO_PASS = ("sam", "asam", "gcsam")
-
-
 def resolve_precision(precision: str, device_type: str, optimizer: str, vpt_length: int) -> str:
     """``train.precision`` made concrete: auto is bf16 on CUDA and fp32 elsewhere, except for the two-pass
     optimizers with visual prompts, which default to fp32.
@@ -344,31 +341,14 @@ def build_training(
     optimizer step) and the training loss: what ``fit`` trains with and ``check``'s dry run times."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        params,
-        o.name,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        base=o.base,
-        rho=o.rho,
-        kappa=o.kappa,
-        sigma=o.sigma,
-        clip_sigmas=o.clip_sigmas,
-        beta1=o.beta1,
-        beta2=o.beta2,
-        granularity=o.granularity,
-        seed=cfg.train.seed * 1000 + rank,  # GNM: noise seeded per rank
-    )
+    optimizer = build_optimizer(params, o, seed=cfg.train.seed * 1000 + rank)  # GNM: noise seeded per rank
     base_opt = getattr(optimizer, "base_optimizer", optimizer)
     steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, o.accumulation)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         base_opt, warmup_cosine(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
     )
-    loss_fn = build_loss(
-        cfg.reweight.name, counts, beta=cfg.reweight.beta, start_epoch=cfg.drw_epoch(), tau=cfg.reweight.tau
-    ).to(device)
+    loss_fn = build_loss(cfg.reweight, counts, start_epoch=cfg.drw_epoch()).to(device)
     return optimizer, scheduler, loss_fn
 
 
@@ -558,8 +538,7 @@ def fit(cfg: RunConfig, progress: bool = True, check_args: str = "-c CONFIG") ->
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         loss_fn.set_epoch(epoch)
-        if isinstance(optimizer, GNM):
-            optimizer.set_noise_factor(o.noise_decay if epoch >= drw_epoch else 1.0)
+        on_epoch(optimizer, epoch, drw_epoch)  # GNM: noise x optim.noise_decay from the DRW epoch on
         stats = train_one_epoch(
             train_model,
             loader,
@@ -581,7 +560,7 @@ def fit(cfg: RunConfig, progress: bool = True, check_args: str = "-c CONFIG") ->
             "train_acc": stats.accuracy,
             "lr": base_opt.param_groups[0]["lr"],
             "reweight_active": bool(getattr(loss_fn, "active", False)),
-            "noise_factor": optimizer.noise_factor if isinstance(optimizer, GNM) else None,
+            "noise_factor": epoch_stats(optimizer)["noise_factor"],
             "skipped_steps": stats.skipped,
             # KgCoOp: 1 - mean cos(learned, hand-written) of the training classes (mean over the steps)
             "kg_distance": stats.regulariser / kg.weight
