@@ -208,13 +208,14 @@ class RunConfig(_Strict):
         return int(0.8 * self.train.epochs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, object], dotted: str, value: object) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
             raise UserError(f"override '{dotted}': '{k}' is not a section")
+        node = child
     node[keys[-1]] = value
 
 
@@ -228,7 +229,7 @@ def _format_validation(e: ValidationError, source: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars)."""
-    tree: dict[str, Any] = {}
+    tree: dict[str, object] = {}  # parsed YAML: arbitrary until validated
     source = "defaults"
     if path is not None:
         p = Path(path)
@@ -283,8 +284,8 @@ RESUME_FREE_FIELDS = frozenset(
 )
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{prefix}{key}."))
@@ -293,7 +294,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_conflicts(saved: Mapping[str, Any], current: RunConfig) -> list[str]:
+def resume_conflicts(saved: Mapping[str, object], current: RunConfig) -> list[str]:
     """``field: saved -> current`` for every field, outside :data:`RESUME_FREE_FIELDS`, in which the config a
     checkpoint was written with (``saved``, a ``model_dump``) differs from ``current``.
 
