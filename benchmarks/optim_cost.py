@@ -17,6 +17,7 @@ import time
 import open_clip
 import torch
 
+from trainer.config import OptimConfig, ReweightConfig
 from trainer.engine import autocast_factory, train_step
 from trainer.models import load_clip, load_toy_clip
 from trainer.optim import build_optimizer
@@ -58,10 +59,12 @@ def bench(model_name: str, device: torch.device, batch: int, classes: int, vpt: 
         )
         m.set_class_names(names)
         opt = build_optimizer(
-            [p for p in m.parameters() if p.requires_grad], name, lr=1e-3, weight_decay=0.0, seed=0
+            [p for p in m.parameters() if p.requires_grad],
+            OptimConfig(name=name, lr=1e-3, weight_decay=0.0),
+            seed=0,
         )
         runs[name] = (m, opt)
-    loss_fn = build_loss("none", [1] * classes, start_epoch=0).to(device)
+    loss_fn = build_loss(ReweightConfig(), [1] * classes, start_epoch=0).to(device)
     times: dict[str, list[float]] = {n: [] for n in OPTIMIZERS}
     peaks: dict[str, int] = {}
 

@@ -44,6 +44,57 @@ def test_bad_values_name_the_field(overrides, needle):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "optim.name=adam",
+            r"optim\.name: .*unknown optimizer 'adam': expected one of \('sgd', 'adamw', 'sam'",
+        ),
+        (
+            "optim.base=adam",
+            r"optim\.base: .*unknown base optimizer 'adam': expected one of \('sgd', 'adamw'\)",
+        ),
+        (
+            "reweight.name=focal",
+            r"reweight\.name: .*unknown re-weighting 'focal': expected one of \('none', 'drw'",
+        ),
+    ],
+)
+def test_unknown_registry_names_list_the_registered_ones(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_config_names_and_defaults_come_from_the_registries():
+    from trainer.optim import BASE_OPTIMIZERS, OPTIMIZERS
+    from trainer.optim.gcsam import GCSAM_BETA1, GCSAM_BETA2, GCSAM_GRANULARITY
+    from trainer.optim.gnm import GNM_CLIP_SIGMAS, GNM_KAPPA, GNM_NOISE_DECAY, GNM_SIGMA
+    from trainer.reweight import RELOSSES
+
+    schema = RunConfig.model_json_schema()["$defs"]
+    assert schema["OptimConfig"]["properties"]["name"]["enum"] == list(OPTIMIZERS)
+    assert schema["OptimConfig"]["properties"]["base"]["enum"] == list(BASE_OPTIMIZERS)
+    assert schema["ReweightConfig"]["properties"]["name"]["enum"] == list(RELOSSES)
+    for name in OPTIMIZERS:
+        load_config(None, [f"optim.name={name}"])  # every registered name is accepted
+    o = load_config(None, []).optim
+    assert (o.kappa, o.sigma, o.clip_sigmas, o.noise_decay) == (
+        GNM_KAPPA,
+        GNM_SIGMA,
+        GNM_CLIP_SIGMAS,
+        GNM_NOISE_DECAY,
+    )
+    assert (o.beta1, o.beta2, o.granularity) == (GCSAM_BETA1, GCSAM_BETA2, GCSAM_GRANULARITY)
+    # the accumulation check reads the spec's passes: every two-pass optimizer is refused, one-pass ones not
+    for name, spec in OPTIMIZERS.items():
+        if spec.passes == 2:
+            with pytest.raises(UserError, match="two-pass"):
+                load_config(None, [f"optim.name={name}", "optim.accumulation=2"])
+        else:
+            assert load_config(None, [f"optim.name={name}", "optim.accumulation=2"]).optim.accumulation == 2
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

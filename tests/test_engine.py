@@ -18,7 +18,7 @@ from tests.conftest import TINY_CONFIG, TINY_NAME
 from tests.synthetic import synthetic_task
 from trainer import runner
 from trainer.checkpoint import load_prompted, read_checkpoint
-from trainer.config import load_config
+from trainer.config import OptimConfig, ReweightConfig, load_config
 from trainer.data import tasks
 from trainer.engine import train_step, warmup_cosine
 from trainer.errors import UserError
@@ -70,9 +70,11 @@ def test_power_of_two_loss_scale_changes_nothing(tiny_clip, tiny_tokenizer, name
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
         m = _prompted(tiny_clip, tiny_tokenizer)
         opt = build_optimizer(
-            [p for p in m.parameters() if p.requires_grad], name, lr=0.1, weight_decay=0.0, seed=0
+            [p for p in m.parameters() if p.requires_grad],
+            OptimConfig(name=name, lr=0.1, weight_decay=0.0),
+            seed=0,
         )
-        loss_fn = build_loss("none", [2, 2, 2], start_epoch=0)
+        loss_fn = build_loss(ReweightConfig(), [2, 2, 2], start_epoch=0)
         for step in range(2):
             train_step(m, [_batch(step)], loss_fn, opt, scaler=scaler)
         results.append(m.trainable_state_dict())
@@ -85,10 +87,14 @@ def test_overflowing_scale_skips_step_and_restores(tiny_clip, tiny_tokenizer, na
     m = _prompted(tiny_clip, tiny_tokenizer)
     before = m.trainable_state_dict()
     opt = build_optimizer(
-        [p for p in m.parameters() if p.requires_grad], name, lr=0.1, weight_decay=0.0, seed=0
+        [p for p in m.parameters() if p.requires_grad],
+        OptimConfig(name=name, lr=0.1, weight_decay=0.0),
+        seed=0,
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
-    out = train_step(m, [_batch()], build_loss("none", [2, 2, 2], start_epoch=0), opt, scaler=scaler)
+    out = train_step(
+        m, [_batch()], build_loss(ReweightConfig(), [2, 2, 2], start_epoch=0), opt, scaler=scaler
+    )
     assert out.skipped
     assert scaler.get_scale() < 2.0**127
     for key, value in m.trainable_state_dict().items():
@@ -97,9 +103,11 @@ def test_overflowing_scale_skips_step_and_restores(tiny_clip, tiny_tokenizer, na
 
 def test_two_pass_refuses_accumulation(tiny_clip, tiny_tokenizer):
     m = _prompted(tiny_clip, tiny_tokenizer)
-    opt = build_optimizer([p for p in m.parameters() if p.requires_grad], "sam", lr=0.1, weight_decay=0.0)
+    opt = build_optimizer(
+        [p for p in m.parameters() if p.requires_grad], OptimConfig(name="sam", lr=0.1, weight_decay=0.0)
+    )
     with pytest.raises(ValueError, match="accumulation"):
-        train_step(m, [_batch(0), _batch(1)], build_loss("none", [2, 2, 2], start_epoch=0), opt)
+        train_step(m, [_batch(0), _batch(1)], build_loss(ReweightConfig(), [2, 2, 2], start_epoch=0), opt)
 
 
 def test_accumulation_equals_big_batch(tiny_clip, tiny_tokenizer):
@@ -107,8 +115,10 @@ def test_accumulation_equals_big_batch(tiny_clip, tiny_tokenizer):
     states = []
     for micro in ([(images, labels)], [(images[:3], labels[:3]), (images[3:], labels[3:])]):
         m = _prompted(tiny_clip, tiny_tokenizer)
-        opt = build_optimizer([p for p in m.parameters() if p.requires_grad], "sgd", lr=0.1, weight_decay=0.0)
-        train_step(m, micro, build_loss("none", [2, 2, 2], start_epoch=0), opt)
+        opt = build_optimizer(
+            [p for p in m.parameters() if p.requires_grad], OptimConfig(name="sgd", lr=0.1, weight_decay=0.0)
+        )
+        train_step(m, micro, build_loss(ReweightConfig(), [2, 2, 2], start_epoch=0), opt)
         states.append(m.trainable_state_dict())
     for key in states[0]:
         assert torch.allclose(states[0][key], states[1][key], atol=1e-6), key
@@ -117,9 +127,9 @@ def test_accumulation_equals_big_batch(tiny_clip, tiny_tokenizer):
 def test_grad_clip_acts_on_final_gradient(tiny_clip, tiny_tokenizer):
     m = _prompted(tiny_clip, tiny_tokenizer)
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = build_optimizer(params, "sam", lr=1.0, weight_decay=0.0, momentum=0.0)
+    opt = build_optimizer(params, OptimConfig(name="sam", lr=1.0, weight_decay=0.0, momentum=0.0))
     before = [p.detach().clone() for p in params]
-    train_step(m, [_batch()], build_loss("none", [2, 2, 2], start_epoch=0), opt, grad_clip=1e-3)
+    train_step(m, [_batch()], build_loss(ReweightConfig(), [2, 2, 2], start_epoch=0), opt, grad_clip=1e-3)
     step_norm = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before, strict=True)))
     assert step_norm <= 1e-3 * (1 + 1e-4)
 

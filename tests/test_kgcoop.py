@@ -10,7 +10,7 @@ import torch
 from tests.conftest import TINY_NAME
 from tests.synthetic import synthetic_task
 from trainer import runner
-from trainer.config import load_config
+from trainer.config import OptimConfig, ReweightConfig, load_config
 from trainer.data import tasks
 from trainer.engine import train_step
 from trainer.errors import UserError
@@ -96,8 +96,12 @@ def test_every_optimizer_steps_on_the_term(tiny_clip, tiny_tokenizer, name):
         ctx0 = _perturb(m, 0.3)
         kg = build_kg_regulariser(m, NAMES, TEMPLATE, weight=weight)
         rho = 0.1 * float((m.ctx - ctx0).norm()) if m.ctx is not None else None
-        opt = build_optimizer([m.ctx], name, lr=1e-3, weight_decay=0.0, momentum=0.0, rho=rho, seed=0)
-        out = train_step(m, [_batch()], build_loss("none", [2, 2, 2], start_epoch=0), opt, regulariser=kg)
+        opt = build_optimizer(
+            [m.ctx], OptimConfig(name=name, lr=1e-3, weight_decay=0.0, momentum=0.0, rho=rho), seed=0
+        )
+        out = train_step(
+            m, [_batch()], build_loss(ReweightConfig(), [2, 2, 2], start_epoch=0), opt, regulariser=kg
+        )
         assert m.ctx is not None
         dists.append(float((m.ctx - ctx0).norm()))
         outs.append(out)

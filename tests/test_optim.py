@@ -13,16 +13,25 @@ import pytest
 import torch
 from torch import Tensor
 
+from trainer.config import OptimConfig
 from trainer.optim import (
+    BASE_OPTIMIZERS,
     DEFAULT_RHO,
     GCSAM,
     GNM,
     OPTIMIZER_NAMES,
+    OPTIMIZERS,
     SAM,
+    TWO_PASS,
+    OptimizerSpec,
     SharpnessOptimizer,
     build_optimizer,
     constrained_gradient,
+    epoch_stats,
+    get_optimizer_spec,
+    on_epoch,
     passes_of,
+    register_optimizer,
 )
 
 WRAPPERS = ("sam", "asam", "gnm", "gcsam")
@@ -64,10 +73,12 @@ class Quadratic:
         return loss.detach()
 
 
-def _make(name: str, params: object, **kw: object) -> torch.optim.Optimizer:
-    args: dict[str, object] = {"lr": 0.05, "weight_decay": 1e-3, "seed": 0}
+def _make(name: str, params: object, seed: int | None = 0, **kw: object) -> torch.optim.Optimizer:
+    """The factory's optimizer; the config section is built unvalidated (model_construct) so a test may use
+    values the config refuses (lr 0) and the factory's own errors are what is tested."""
+    args: dict[str, object] = {"lr": 0.05, "weight_decay": 1e-3}
     args.update(kw)
-    return build_optimizer(params, name, **args)  # type: ignore[arg-type]
+    return build_optimizer(params, OptimConfig.model_construct(name=name, **args), seed=seed)  # type: ignore[arg-type]
 
 
 def _step(opt: torch.optim.Optimizer, closure: Callable[[], Tensor]) -> Tensor:
@@ -238,6 +249,95 @@ def test_factory_names_defaults_and_errors() -> None:
         _make("sam", _params(), base="adam")
 
 
+def test_registry_specs_agree_with_the_classes() -> None:
+    assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES and tuple(BASE_OPTIMIZERS) == ("sgd", "adamw")
+    assert TWO_PASS == ("sam", "asam", "gcsam")
+    assert DEFAULT_RHO == {"sam": 0.05, "asam": 0.5, "gnm": 0.05, "gcsam": 0.1}
+    for name, spec in OPTIMIZERS.items():
+        opt = _make(name, _params())
+        assert type(opt) is spec.cls and passes_of(opt) == spec.passes
+        assert set(spec.hyperparameters) <= set(OptimConfig.model_fields), name
+        if spec.default_rho is None:
+            assert not isinstance(opt, SharpnessOptimizer)
+            continue
+        assert opt.param_groups[0]["rho"] == spec.default_rho
+    # the class built directly with rho omitted uses the spec's default (ASAM used to get SAM's 0.05)
+    direct = {
+        "sam": SAM(_params(), torch.optim.SGD, lr=0.1),
+        "asam": SAM(_params(), torch.optim.SGD, adaptive=True, lr=0.1),
+        "gnm": GNM(_params(), torch.optim.SGD, lr=0.1),
+        "gcsam": GCSAM(_params(), torch.optim.SGD, lr=0.1),
+    }
+    for name, opt in direct.items():
+        assert opt.param_groups[0]["rho"] == get_optimizer_spec(name).default_rho, name
+    # the constructor defaults of the other hyperparameters are OptimConfig's field defaults
+    o = OptimConfig()
+    gnm, gcsam = direct["gnm"], direct["gcsam"]
+    assert isinstance(gnm, GNM) and isinstance(gcsam, GCSAM)
+    assert (gnm.kappa, gnm.sigma, gnm.clip_sigmas, gnm.noise_decay) == (
+        o.kappa,
+        o.sigma,
+        o.clip_sigmas,
+        o.noise_decay,
+    )
+    assert (gcsam.beta1, gcsam.beta2, gcsam.granularity) == (o.beta1, o.beta2, o.granularity)
+
+
+def test_registry_errors_name_the_allowed_names() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown optimizer 'lbfgs': expected one of \('sgd', 'adamw', 'sam'"
+    ):
+        get_optimizer_spec("lbfgs")
+    with pytest.raises(ValueError, match="'sam' is already registered"):
+        register_optimizer(OPTIMIZERS["sam"])
+    with pytest.raises(ValueError, match="passes must be 1 or 2"):
+        OptimizerSpec("x", SAM, OPTIMIZERS["sam"].builder, 3, 0.1, (), "bad")
+
+
+def test_factory_passes_the_config_section() -> None:
+    o = OptimConfig(name="gnm", base="adamw", lr=0.01, rho=0.2, kappa=0.3, noise_decay=0.25)
+    opt = build_optimizer(_params(), o, seed=1)
+    assert isinstance(opt, GNM) and isinstance(opt.base_optimizer, torch.optim.AdamW)
+    assert opt.param_groups[0]["rho"] == 0.2 and opt.param_groups[0]["lr"] == 0.01
+    assert opt.kappa == 0.3 and opt.noise_decay == 0.25
+    g = build_optimizer(_params(), OptimConfig(name="gcsam", beta1=0.1, beta2=0.9, granularity="global"))
+    assert isinstance(g, GCSAM) and (g.beta1, g.beta2, g.granularity) == (0.1, 0.9, "global")
+
+
+def test_on_epoch_decays_gnm_noise_from_the_drw_epoch() -> None:
+    opt = GNM(_params(), torch.optim.SGD, lr=0.1, noise_decay=0.25)
+    factors = []
+    for epoch in range(5):
+        on_epoch(opt, epoch, 3)
+        factors.append(epoch_stats(opt)["noise_factor"])
+    assert factors == [1.0, 1.0, 1.0, 0.25, 0.25]
+    opt.on_epoch(0, 3)  # back before the DRW epoch (a restart from scratch)
+    assert opt.noise_factor == 1.0
+    for name in ("sgd", "adamw", "sam", "asam", "gcsam"):  # a no-op for the others, and nothing recorded
+        other = _make(name, _params())
+        sd = other.state_dict()
+        on_epoch(other, 4, 3)
+        assert epoch_stats(other) == {"noise_factor": None}
+        assert str(other.state_dict()) == str(sd)
+
+
+def test_gnm_noise_factor_round_trips_and_old_state_dicts_load() -> None:
+    opt = GNM(_params(), torch.optim.SGD, lr=0.1, seed=4)
+    opt.on_epoch(5, 3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    fresh = GNM(_params(), torch.optim.SGD, lr=0.1, seed=9)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.noise_factor == 0.5
+    assert torch.equal(fresh._generator.get_state(), opt._generator.get_state())
+    # a state dict written before the noise factor was saved: factor 1
+    old = opt.state_dict()
+    del old["sharpness"]["noise_factor"]
+    fresh.load_state_dict(old)
+    assert fresh.noise_factor == 1.0
+
+
 @pytest.mark.parametrize(
     ("build", "name"),
     [
@@ -248,6 +348,7 @@ def test_factory_names_defaults_and_errors() -> None:
         (lambda p: GNM(p, torch.optim.SGD, kappa=-0.1, lr=0.1), "kappa"),
         (lambda p: GNM(p, torch.optim.SGD, sigma=0.0, lr=0.1), "sigma"),
         (lambda p: GNM(p, torch.optim.SGD, clip_sigmas=0.0, lr=0.1), "clip_sigmas"),
+        (lambda p: GNM(p, torch.optim.SGD, noise_decay=-0.5, lr=0.1), "noise_decay"),
         (lambda p: GNM(p, torch.optim.SGD, lr=0.1).set_noise_factor(-0.5), "noise_factor"),
         (lambda p: GCSAM(p, torch.optim.SGD, beta1=float("inf"), lr=0.1), "beta1"),
         (lambda p: GCSAM(p, torch.optim.SGD, beta2="0.8", lr=0.1), "beta2"),  # type: ignore[arg-type]

@@ -83,6 +83,7 @@ def _batch(seed=0):
 def test_accumulated_micro_batches_equal_one_batch(tiny_clip, tiny_tokenizer, loss, split):
     """DRW's weighted mean is normalised by the whole step's sum of weights (and every loss by the whole
     step's count), so k micro-batches of any sizes equal one batch."""
+    from trainer.config import OptimConfig, ReweightConfig
     from trainer.engine import train_step
     from trainer.optim import build_optimizer
     from trainer.reweight import build_loss
@@ -91,8 +92,10 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_clip, tiny_tokenizer, lo
     states, losses = [], []
     for micro in ([(images, labels)], [(images[:split], labels[:split]), (images[split:], labels[split:])]):
         m = _prompted(tiny_clip, tiny_tokenizer, ["red", "green", "blue"])
-        opt = build_optimizer([p for p in m.parameters() if p.requires_grad], "sgd", lr=1.0, weight_decay=0.0)
-        loss_fn = build_loss(loss, [100, 10, 2], beta=0.999, start_epoch=0)
+        opt = build_optimizer(
+            [p for p in m.parameters() if p.requires_grad], OptimConfig(name="sgd", lr=1.0, weight_decay=0.0)
+        )
+        loss_fn = build_loss(ReweightConfig(name=loss, beta=0.999), [100, 10, 2], start_epoch=0)
         losses.append(train_step(m, micro, loss_fn, opt).loss)
         states.append(m.trainable_state_dict())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)

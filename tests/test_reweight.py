@@ -8,8 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.config import ReweightConfig
 from trainer.reweight import (
+    DRW_BETA,
+    LOGIT_ADJUST_TAU,
     RELOSS_NAMES,
+    RELOSSES,
     CrossEntropy,
     DRWLoss,
     LogitAdjustedLoss,
@@ -181,15 +185,34 @@ def test_tau_and_shapes_are_validated() -> None:
 def test_build_loss() -> None:
     assert RELOSS_NAMES == ("none", "drw", "logit_adjust")
     counts = [50, 5]
-    ce = build_loss("none", counts, start_epoch=3)
+    ce = build_loss(ReweightConfig(), counts, start_epoch=3)
     assert isinstance(ce, CrossEntropy)
     ce.set_epoch(7)  # no-op, same interface
     logits, targets = _batch(2)
     assert torch.equal(ce(logits, targets), F.cross_entropy(logits, targets))
-    drw = build_loss("drw", counts, beta=0.99, start_epoch=3)
+    drw = build_loss(ReweightConfig(name="drw", beta=0.99), counts, start_epoch=3)
     assert isinstance(drw, DRWLoss) and drw.start_epoch == 3
     torch.testing.assert_close(drw.weight, effective_number_weights(counts, 0.99))
-    la = build_loss("logit_adjust", counts, start_epoch=3, tau=0.5)
+    la = build_loss(ReweightConfig(name="logit_adjust", tau=0.5), counts, start_epoch=3)
     assert isinstance(la, LogitAdjustedLoss) and la.tau == 0.5
     with pytest.raises(ValueError, match=r"'focal'.*none.*drw.*logit_adjust"):
-        build_loss("focal", counts, start_epoch=3)
+        build_loss(ReweightConfig.model_construct(name="focal"), counts, start_epoch=3)
+    with pytest.raises(ValueError, match=r"unknown re-weighting 'focal'.*none.*drw.*logit_adjust"):
+        ReweightConfig(name="focal")
+
+
+def test_reloss_registry_is_the_config_source() -> None:
+    assert tuple(RELOSSES) == RELOSS_NAMES
+    assert ReweightConfig.model_json_schema()["properties"]["name"]["enum"] == list(RELOSSES)
+    assert {n: s.cls for n, s in RELOSSES.items()} == {
+        "none": CrossEntropy,
+        "drw": DRWLoss,
+        "logit_adjust": LogitAdjustedLoss,
+    }
+    # one default per hyperparameter: the config's field defaults are the classes' constructor defaults
+    r = ReweightConfig()
+    assert r.beta == DRW_BETA == DRWLoss([3, 1], start_epoch=0).beta
+    assert r.tau == LOGIT_ADJUST_TAU == LogitAdjustedLoss([3, 1]).tau
+    for name, spec in RELOSSES.items():
+        assert type(build_loss(ReweightConfig(name=name), [3, 1], start_epoch=2)) is spec.cls
+        assert set(spec.hyperparameters) <= set(ReweightConfig.model_fields)

@@ -14,6 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import UserError
+from trainer.optim.gcsam import GCSAM_BETA1, GCSAM_BETA2, GCSAM_GRANULARITY
+from trainer.optim.gnm import GNM_CLIP_SIGMAS, GNM_KAPPA, GNM_NOISE_DECAY, GNM_SIGMA
+from trainer.optim.registry import BASE_OPTIMIZERS, OPTIMIZERS, get_base_optimizer_spec, get_optimizer_spec
+from trainer.reweight import DRW_BETA, LOGIT_ADJUST_TAU, RELOSSES, get_reloss_spec
 
 
 class _Strict(BaseModel):
@@ -96,30 +100,48 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    name: Literal["sgd", "adamw", "sam", "asam", "gnm", "gcsam"] = "sgd"
-    base: Literal["sgd", "adamw"] = "sgd"  # base optimizer of sam/asam/gnm/gcsam
+    # names, defaults and hyperparameters come from the registry (trainer/optim/registry.py)
+    name: str = Field("sgd", json_schema_extra={"enum": list(OPTIMIZERS)})
+    base: str = Field("sgd", json_schema_extra={"enum": list(BASE_OPTIMIZERS)})  # of sam/asam/gnm/gcsam
     lr: float = Field(0.05, gt=0)  # toy-world default; the recipes set the papers' values
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    rho: float | None = Field(
-        None, ge=0
-    )  # null: the optimizer's default (sam 0.05, asam 0.5, gnm 0.05, gcsam 0.1)
-    kappa: float = Field(0.1, ge=0)  # GNM noise multiplier
-    sigma: float = Field(1 / 3, gt=0)  # GNM base std
-    clip_sigmas: float = Field(3.0, gt=0)  # GNM clamp at this many sigmas
-    noise_decay: float = Field(0.5, gt=0, le=1)  # GNM noise factor from the re-weighting epoch on
-    beta1: float = 0.5  # GCSAM lower cosine bound
-    beta2: float = 0.8  # GCSAM upper cosine bound
-    granularity: Literal["tensor", "global"] = "tensor"  # GCSAM cosine per tensor or over all
+    rho: float | None = Field(None, ge=0)  # null: the spec's default_rho (trainer.optim.DEFAULT_RHO)
+    kappa: float = Field(GNM_KAPPA, ge=0)  # GNM noise multiplier
+    sigma: float = Field(GNM_SIGMA, gt=0)  # GNM base std
+    clip_sigmas: float = Field(GNM_CLIP_SIGMAS, gt=0)  # GNM clamp at this many sigmas
+    noise_decay: float = Field(GNM_NOISE_DECAY, gt=0, le=1)  # GNM noise factor from the re-weighting epoch on
+    beta1: float = GCSAM_BETA1  # GCSAM lower cosine bound
+    beta2: float = GCSAM_BETA2  # GCSAM upper cosine bound
+    granularity: Literal["tensor", "global"] = GCSAM_GRANULARITY  # GCSAM cosine per tensor or over all
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm, on the final gradient only
     accumulation: int = Field(1, ge=1)  # gradient accumulation micro-steps (one-pass optimizers only)
 
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        get_optimizer_spec(value)  # ValueError naming the value and the registered names
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, value: str) -> str:
+        get_base_optimizer_spec(value)
+        return value
+
 
 class ReweightConfig(_Strict):
-    name: Literal["none", "drw", "logit_adjust"] = "none"
-    beta: float = Field(0.9999, ge=0, lt=1)  # DRW effective-number beta
+    # names from the re-weighting registry (trainer/reweight.py RELOSSES)
+    name: str = Field("none", json_schema_extra={"enum": list(RELOSSES)})
+    beta: float = Field(DRW_BETA, ge=0, lt=1)  # DRW effective-number beta
     start_epoch: int | None = Field(None, ge=0)  # DRW switch (0-indexed); null = 80% of the epochs
-    tau: float = Field(1.0, ge=0)  # logit adjustment temperature
+    tau: float = Field(LOGIT_ADJUST_TAU, ge=0)  # logit adjustment temperature
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        get_reloss_spec(value)  # ValueError naming the value and the registered names
+        return value
 
 
 class LossConfig(_Strict):
@@ -165,7 +187,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.optim.accumulation > 1 and self.optim.name in ("sam", "asam", "gcsam"):
+        if self.optim.accumulation > 1 and get_optimizer_spec(self.optim.name).passes > 1:
             raise ValueError(
                 f"optim.accumulation={self.optim.accumulation} does not compose with two-pass optimizer "
                 f"'{self.optim.name}' (each micro-batch would need its own ascent step): set it to 1"
@@ -186,13 +208,14 @@ class RunConfig(_Strict):
         return int(0.8 * self.train.epochs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, object], dotted: str, value: object) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
             raise UserError(f"override '{dotted}': '{k}' is not a section")
+        node = child
     node[keys[-1]] = value
 
 
@@ -206,7 +229,7 @@ def _format_validation(e: ValidationError, source: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars)."""
-    tree: dict[str, Any] = {}
+    tree: dict[str, object] = {}  # parsed YAML: arbitrary until validated
     source = "defaults"
     if path is not None:
         p = Path(path)
@@ -261,8 +284,8 @@ RESUME_FREE_FIELDS = frozenset(
 )
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{prefix}{key}."))
@@ -271,7 +294,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_conflicts(saved: Mapping[str, Any], current: RunConfig) -> list[str]:
+def resume_conflicts(saved: Mapping[str, object], current: RunConfig) -> list[str]:
     """``field: saved -> current`` for every field, outside :data:`RESUME_FREE_FIELDS`, in which the config a
     checkpoint was written with (``saved``, a ``model_dump``) differs from ``current``.
 

@@ -493,8 +493,8 @@ def dry_run(
     from trainer.data.base import Transformed, class_counts
     from trainer.data.sampling import carve_validation
     from trainer.engine import autocast_factory, train_step
+    from trainer.optim import TWO_PASS
     from trainer.training import (
-        TWO_PASS,
         build_train_loader,
         build_training,
         optimizer_steps_per_epoch,

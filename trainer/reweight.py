@@ -12,30 +12,50 @@ Every module maps ``(logits [B, C], targets [B]) -> scalar loss`` and has ``set_
 are buffers, so they follow ``.to(device)``. For gradient accumulation each also splits its mean into
 ``summed(logits, targets)`` and ``normaliser(targets)`` (sum_i w_{y_i} for DRW, the count otherwise), so
 that k micro-batches are normalised by the whole step's sum and equal one batch.
+
+The rules are registered (timm-style) as one frozen :class:`RelossSpec` each in :data:`RELOSSES` (name,
+class, paper, the ``ReweightConfig`` fields it reads, its builder); ``trainer/config.py`` validates
+``reweight.name`` against it and takes its field defaults from :data:`DRW_BETA` / :data:`LOGIT_ADJUST_TAU`,
+the classes' own constructor defaults.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from trainer.config import ReweightConfig
+
 __all__ = [
+    "DRW_BETA",
+    "LOGIT_ADJUST_TAU",
+    "RELOSSES",
     "RELOSS_NAMES",
     "CrossEntropy",
     "DRWLoss",
     "LogitAdjustedLoss",
+    "RelossSpec",
     "StepLoss",
     "build_loss",
     "effective_number_weights",
+    "get_reloss_spec",
     "log_prior",
     "posthoc_adjust",
+    "register_reloss",
 ]
 
-RELOSS_NAMES = ("none", "drw", "logit_adjust")
+DRW_BETA = 0.9999
+"""Default effective-number beta of DRW (LDAM-DRW; GNM-PT uses 0.9998)."""
+LOGIT_ADJUST_TAU = 1.0
+"""Default temperature of the logit adjustment (Menon et al.)."""
 
 
 def _check_counts(counts: Sequence[int]) -> list[int]:
@@ -120,7 +140,7 @@ class DRWLoss(StepLoss):
 
     weight: Tensor
 
-    def __init__(self, counts: Sequence[int], beta: float = 0.9999, *, start_epoch: int) -> None:
+    def __init__(self, counts: Sequence[int], beta: float = DRW_BETA, *, start_epoch: int) -> None:
         super().__init__()
         self.register_buffer("weight", effective_number_weights(counts, beta))  # [C]
         self.beta = float(beta)
@@ -167,7 +187,7 @@ class LogitAdjustedLoss(StepLoss):
 
     log_prior: Tensor
 
-    def __init__(self, counts: Sequence[int], tau: float = 1.0) -> None:
+    def __init__(self, counts: Sequence[int], tau: float = LOGIT_ADJUST_TAU) -> None:
         super().__init__()
         if isinstance(tau, bool) or not isinstance(tau, int | float) or not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
@@ -198,26 +218,92 @@ def posthoc_adjust(logits: Tensor, counts: Sequence[int], tau: float = 1.0) -> T
     return logits - tau * lp
 
 
-def build_loss(
-    name: str,
-    counts: Sequence[int],
-    *,
-    beta: float = 0.9999,
-    start_epoch: int,
-    tau: float = 1.0,
-) -> CrossEntropy | DRWLoss | LogitAdjustedLoss:
-    """The training loss called ``name`` (one of ``RELOSS_NAMES``).
+LossBuilder = Callable[[Sequence[int], "ReweightConfig", int], StepLoss]
+"""``builder(counts, reweight, start_epoch)``: the loss for class ``counts``."""
 
-    "none": plain CE; "drw": :class:`DRWLoss` (``beta``, ``start_epoch``); "logit_adjust":
-    :class:`LogitAdjustedLoss` (``tau``). Arguments a loss does not use are ignored.
+
+@dataclass(frozen=True)
+class RelossSpec:
+    """A re-weighting rule of ``reweight.name``.
+
+    Attributes:
+        name: the registry key.
+        cls: the loss class built.
+        builder: see :data:`LossBuilder`.
+        hyperparameters: the ``ReweightConfig`` fields it reads (plus the DRW epoch where ``start_epoch`` is
+            listed).
+        description: one line with the paper.
+    """
+
+    name: str
+    cls: type[StepLoss]
+    builder: LossBuilder
+    hyperparameters: tuple[str, ...]
+    description: str
+
+
+_RELOSSES: dict[str, RelossSpec] = {}
+RELOSSES: Mapping[str, RelossSpec] = MappingProxyType(_RELOSSES)
+"""Every registered re-weighting rule by name (read-only view; add with :func:`register_reloss`)."""
+
+
+def register_reloss(spec: RelossSpec) -> RelossSpec:
+    """Add ``spec`` under ``spec.name``; returns it.
+
+    Raises:
+        ValueError: if the name is taken.
+    """
+    if spec.name in _RELOSSES:
+        raise ValueError(f"re-weighting {spec.name!r} is already registered: pick another name")
+    _RELOSSES[spec.name] = spec
+    return spec
+
+
+def get_reloss_spec(name: str) -> RelossSpec:
+    """The spec registered as ``name``.
+
+    Raises:
+        ValueError: for an unknown name, naming it and the allowed ones.
+    """
+    try:
+        return _RELOSSES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown re-weighting {name!r}: expected one of {tuple(_RELOSSES)}") from None
+
+
+register_reloss(
+    RelossSpec("none", CrossEntropy, lambda counts, r, start: CrossEntropy(), (), "plain cross-entropy")
+)
+register_reloss(
+    RelossSpec(
+        "drw",
+        DRWLoss,
+        lambda counts, r, start: DRWLoss(counts, r.beta, start_epoch=start),
+        ("beta", "start_epoch"),
+        "deferred re-weighting, effective-number weights (Cao et al., NeurIPS 2019; Cui et al., CVPR 2019)",
+    )
+)
+register_reloss(
+    RelossSpec(
+        "logit_adjust",
+        LogitAdjustedLoss,
+        lambda counts, r, start: LogitAdjustedLoss(counts, r.tau),
+        ("tau",),
+        "logit-adjusted cross-entropy (Menon et al., ICLR 2021, arXiv:2007.07314)",
+    )
+)
+
+RELOSS_NAMES: tuple[str, ...] = tuple(RELOSSES)
+"""Snapshot of the built-in names (the registry :data:`RELOSSES` is the live source)."""
+
+
+def build_loss(reweight: ReweightConfig, counts: Sequence[int], *, start_epoch: int) -> StepLoss:
+    """The training loss ``reweight.name`` for class ``counts``, from the typed ``reweight`` section.
+
+    "none": plain CE; "drw": :class:`DRWLoss` (``reweight.beta``, from ``start_epoch``, the run's DRW epoch);
+    "logit_adjust": :class:`LogitAdjustedLoss` (``reweight.tau``). Fields a loss does not use are ignored.
 
     Raises:
         ValueError: for an unknown name (listing the allowed ones) or an out-of-range argument.
     """
-    if name == "none":
-        return CrossEntropy()
-    if name == "drw":
-        return DRWLoss(counts, beta, start_epoch=start_epoch)
-    if name == "logit_adjust":
-        return LogitAdjustedLoss(counts, tau)
-    raise ValueError(f"unknown re-weighting {name!r}: expected one of {RELOSS_NAMES}")
+    return get_reloss_spec(reweight.name).builder(counts, reweight, start_epoch)

@@ -23,7 +23,7 @@ from trainer.config import RunConfig
 from trainer.engine import EpochStats, autocast_factory, train_one_epoch
 from trainer.errors import UserError
 from trainer.evaluation import EvalReport, Headline, RunSummary, Selection
-from trainer.optim import GNM
+from trainer.optim import epoch_stats, on_epoch
 from trainer.prompts import PromptedCLIP
 from trainer.training import EpochRecord, TrainingRun, prepare
 
@@ -149,8 +149,7 @@ def _train_epoch(run: TrainingRun, train_model: torch.nn.Module, epoch: int) -> 
     if isinstance(run.sampler, DistributedSampler):
         run.sampler.set_epoch(epoch)
     run.loss_fn.set_epoch(epoch)
-    if isinstance(optimizer, GNM):
-        optimizer.set_noise_factor(cfg.optim.noise_decay if epoch >= cfg.drw_epoch() else 1.0)
+    on_epoch(optimizer, epoch, cfg.drw_epoch())  # GNM: noise x optim.noise_decay from the DRW epoch on
     stats: EpochStats = train_one_epoch(
         train_model,
         run.loader,
@@ -172,7 +171,7 @@ def _train_epoch(run: TrainingRun, train_model: torch.nn.Module, epoch: int) -> 
         train_acc=stats.accuracy,
         lr=run.base_optimizer.param_groups[0]["lr"],
         reweight_active=bool(getattr(run.loss_fn, "active", False)),
-        noise_factor=optimizer.noise_factor if isinstance(optimizer, GNM) else None,
+        noise_factor=epoch_stats(optimizer)["noise_factor"],
         skipped_steps=stats.skipped,
         kg_distance=stats.regulariser / run.kg.weight
         if run.kg is not None and stats.regulariser is not None

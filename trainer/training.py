@@ -41,14 +41,13 @@ from trainer.evaluation import EvalReport, Headline, eval_loader, evaluate_task,
 from trainer.kgcoop import KgCoOpRegulariser, build_kg_regulariser
 from trainer.metrics import ShotThresholds
 from trainer.models import LoadedClip, ModelIdentity, load_model
-from trainer.optim import build_optimizer
+from trainer.optim import TWO_PASS, build_optimizer
 from trainer.prompts import PromptedCLIP
 from trainer.reweight import StepLoss, build_loss
 from trainer.transforms import build_transform
 
 _logger = logging.getLogger(__name__)
 
-TWO_PASS = ("sam", "asam", "gcsam")
 
 # ----------------------------------------------------------------------------------------------- builders
 
@@ -144,31 +143,14 @@ def build_training(
     optimizer step) and the training loss: what ``fit`` trains with and ``check``'s dry run times."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        params,
-        o.name,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        base=o.base,
-        rho=o.rho,
-        kappa=o.kappa,
-        sigma=o.sigma,
-        clip_sigmas=o.clip_sigmas,
-        beta1=o.beta1,
-        beta2=o.beta2,
-        granularity=o.granularity,
-        seed=cfg.train.seed * 1000 + rank,  # GNM: noise seeded per rank
-    )
+    optimizer = build_optimizer(params, o, seed=cfg.train.seed * 1000 + rank)  # GNM: noise seeded per rank
     base_opt = getattr(optimizer, "base_optimizer", optimizer)
     steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, o.accumulation)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         base_opt, warmup_cosine(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
     )
-    loss_fn = build_loss(
-        cfg.reweight.name, counts, beta=cfg.reweight.beta, start_epoch=cfg.drw_epoch(), tau=cfg.reweight.tau
-    ).to(device)
+    loss_fn = build_loss(cfg.reweight, counts, start_epoch=cfg.drw_epoch()).to(device)
     return optimizer, scheduler, loss_fn
 
 

@@ -15,14 +15,22 @@ the closure form ``step(closure)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.optimizer import ParamsT
+from torch.optim.optimizer import ParamsT, StateDict
 
-__all__ = ["NORM_EPS", "BaseOptimizerFactory", "SharpnessOptimizer", "check_hyperparameter"]
+__all__ = [
+    "NORM_EPS",
+    "BaseOptimizerFactory",
+    "EpochStats",
+    "SharpnessOptimizer",
+    "check_hyperparameter",
+    "epoch_stats",
+    "on_epoch",
+]
 
 NORM_EPS = 1e-12
 """Added to (or used as a floor of) every norm we divide by, so a zero gradient never gives NaN."""
@@ -33,9 +41,15 @@ BaseOptimizerFactory = type[Optimizer] | Callable[..., Optimizer]
 _EXTRA_KEY = "sharpness"
 
 
+class EpochStats(TypedDict):
+    """What an optimizer reports per epoch for the metrics record (None where it does not apply)."""
+
+    noise_factor: float | None  # GNM's factor c of the noise scale
+
+
 def check_hyperparameter(
     name: str,
-    value: Any,
+    value: object,
     *,
     low: float = -math.inf,
     high: float = math.inf,
@@ -89,7 +103,7 @@ class SharpnessOptimizer(Optimizer):
         self,
         params: ParamsT,
         base_optimizer: BaseOptimizerFactory,
-        defaults: dict[str, Any],
+        defaults: Mapping[str, float],
         **base_kwargs: Any,
     ) -> None:
         if not callable(base_optimizer):
@@ -106,17 +120,27 @@ class SharpnessOptimizer(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
 
     # ----------------------------------------------------------------------------------------- validation
-    def _validate_group(self, group: dict[str, Any]) -> None:
+    def _validate_group(self, group: Mapping[str, object]) -> None:
         """Check the per-group options; subclasses extend this."""
         check_hyperparameter("rho", group["rho"], low=0.0)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:  # torch's signature
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
 
     @staticmethod
     def _check_grad_scale(grad_scale: float) -> float:
         return check_hyperparameter("grad_scale", grad_scale, low=0.0, low_open=True)
+
+    # ---------------------------------------------------------------------------------------- epoch hooks
+    def on_epoch(self, epoch: int, drw_epoch: int) -> None:
+        """Called by the trainer at the start of every (0-indexed) ``epoch``; ``drw_epoch`` is the epoch at which
+        re-weighting switches on. A no-op here; GNM decays its noise from ``drw_epoch`` on."""
+        return None
+
+    def epoch_stats(self) -> EpochStats:
+        """The per-epoch values the trainer records (all None here; GNM reports its noise factor)."""
+        return {"noise_factor": None}
 
     # ----------------------------------------------------------------------------------- perturbation state
     @property
@@ -250,14 +274,14 @@ class SharpnessOptimizer(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------------------------------ state dict
-    def _extra_state(self) -> dict[str, Any]:
+    def _extra_state(self) -> StateDict:
         """The wrapper's own persistent state (GNM: generator state, noise factor)."""
         return {}
 
-    def _load_extra_state(self, extra: dict[str, Any] | None) -> None:
+    def _load_extra_state(self, extra: StateDict | None) -> None:
         return None
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> StateDict:
         """The base optimizer's state dict (momentum / Adam moments and the shared groups, rho included) plus
         the wrapper's own state under ``"sharpness"``.
 
@@ -273,7 +297,7 @@ class SharpnessOptimizer(Optimizer):
         sd[_EXTRA_KEY] = self._extra_state()
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: StateDict) -> None:
         sd = dict(state_dict)
         extra = sd.pop(_EXTRA_KEY, None)
         self.base_optimizer.load_state_dict(sd)
@@ -283,3 +307,18 @@ class SharpnessOptimizer(Optimizer):
             self._validate_group(group)
         self.state.clear()  # only transient perturbation state lives here
         self._load_extra_state(extra)
+
+
+def on_epoch(optimizer: Optimizer, epoch: int, drw_epoch: int) -> None:
+    """Run ``optimizer``'s start-of-epoch hook (:meth:`SharpnessOptimizer.on_epoch`); nothing for a plain torch
+    optimizer."""
+    if isinstance(optimizer, SharpnessOptimizer):
+        optimizer.on_epoch(epoch, drw_epoch)
+
+
+def epoch_stats(optimizer: Optimizer) -> EpochStats:
+    """``optimizer``'s per-epoch record values (:meth:`SharpnessOptimizer.epoch_stats`); all None for a plain
+    torch optimizer."""
+    if isinstance(optimizer, SharpnessOptimizer):
+        return optimizer.epoch_stats()
+    return {"noise_factor": None}

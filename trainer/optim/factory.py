@@ -1,99 +1,197 @@
-"""Build an optimizer by name: plain SGD / AdamW, or a sharpness wrapper (SAM, ASAM, GNM, GCSAM) around one."""
+"""Build an optimizer from the typed ``optim`` config section: plain SGD / AdamW, or a sharpness wrapper (SAM,
+ASAM, GNM, GCSAM) around one. Registers the built-in specs of :mod:`trainer.optim.registry`.
+
+Only this factory reads the config section; the optimizer classes take plain typed arguments, and their
+constructor defaults are the module constants (``SAM_RHO``, ``GNM_KAPPA``...) that the specs and
+``OptimConfig``'s field defaults also use.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from trainer.optim.base import SharpnessOptimizer
-from trainer.optim.gcsam import GCSAM
-from trainer.optim.gnm import GNM
-from trainer.optim.sam import SAM
+from trainer.optim.gcsam import GCSAM, GCSAM_RHO
+from trainer.optim.gnm import GNM, GNM_RHO
+from trainer.optim.registry import (
+    OPTIMIZERS,
+    BaseKwargs,
+    BaseOptimizerSpec,
+    OptimizerSpec,
+    get_base_optimizer_spec,
+    get_optimizer_spec,
+    register_base_optimizer,
+    register_optimizer,
+)
+from trainer.optim.sam import ASAM_RHO, SAM, SAM_RHO
 
-__all__ = ["BASE_OPTIMIZER_NAMES", "DEFAULT_RHO", "OPTIMIZER_NAMES", "build_optimizer", "passes_of"]
+if TYPE_CHECKING:
+    from trainer.config import OptimConfig
 
-OPTIMIZER_NAMES = ("sgd", "adamw", "sam", "asam", "gnm", "gcsam")
-BASE_OPTIMIZER_NAMES = ("sgd", "adamw")
-
-DEFAULT_RHO: dict[str, float] = {
-    "sam": 0.05,  # davda54/sam default; ASAM README: 0.05 (CIFAR-10), 0.1 (CIFAR-100)
-    "asam": 0.5,  # ASAM README: 0.5 (CIFAR-10), 1.0 (CIFAR-100), ~10x SAM's because T rescales g
-    "gnm": 0.05,  # GNM-PT
-    "gcsam": 0.1,  # GCSCoOp README example (the paper's value is unconfirmed)
-}
-"""rho used when ``build_optimizer(rho=None)``."""
-
-
-def _base(
-    name: str, lr: float, weight_decay: float, momentum: float
-) -> tuple[type[Optimizer], dict[str, Any]]:
-    if name == "sgd":
-        return torch.optim.SGD, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-    if name == "adamw":
-        return torch.optim.AdamW, {"lr": lr, "weight_decay": weight_decay}
-    raise ValueError(f"unknown base optimizer {name!r}: expected one of {BASE_OPTIMIZER_NAMES}")
+__all__ = [
+    "BASE_OPTIMIZER_NAMES",
+    "DEFAULT_RHO",
+    "OPTIMIZER_NAMES",
+    "TWO_PASS",
+    "build_optimizer",
+    "passes_of",
+]
 
 
-def build_optimizer(
-    params: ParamsT,
-    name: str,
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float = 0.9,
-    base: str = "sgd",
-    rho: float | None = None,
-    adaptive_eta: float = 0.01,
-    kappa: float = 0.1,
-    sigma: float = 1.0 / 3.0,
-    clip_sigmas: float = 3.0,
-    beta1: float = 0.5,
-    beta2: float = 0.8,
-    granularity: str = "tensor",
-    seed: int | None = None,
-) -> Optimizer:
-    """Return the optimizer called ``name`` over ``params``.
+# --------------------------------------------------------------------------------------------- base optimizers
+def _sgd_kwargs(o: OptimConfig) -> BaseKwargs:
+    return {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}
+
+
+def _adamw_kwargs(o: OptimConfig) -> BaseKwargs:
+    return {"lr": o.lr, "weight_decay": o.weight_decay}
+
+
+register_base_optimizer(
+    BaseOptimizerSpec(
+        "sgd", torch.optim.SGD, _sgd_kwargs, ("lr", "momentum", "weight_decay"), "SGD with momentum, L2 decay"
+    )
+)
+register_base_optimizer(
+    BaseOptimizerSpec(
+        "adamw",
+        torch.optim.AdamW,
+        _adamw_kwargs,
+        ("lr", "weight_decay"),
+        "AdamW, decoupled weight decay (Loshchilov & Hutter, ICLR 2019)",
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------- builders
+def _plain(name: str) -> OptimizerSpec:
+    base = get_base_optimizer_spec(name)
+
+    def build(params: ParamsT, o: OptimConfig, rho: float | None, seed: int | None) -> Optimizer:
+        return base.cls(params, **base.kwargs(o))
+
+    cls = base.cls if isinstance(base.cls, type) else Optimizer
+    return OptimizerSpec(name, cls, build, 1, None, (), f"plain {base.description}")
+
+
+def _base_of(o: OptimConfig) -> BaseOptimizerSpec:
+    return get_base_optimizer_spec(o.base)
+
+
+def _build_sam(params: ParamsT, o: OptimConfig, rho: float | None, seed: int | None) -> Optimizer:
+    base = _base_of(o)
+    return SAM(params, base.cls, rho=rho, **base.kwargs(o))
+
+
+def _build_asam(params: ParamsT, o: OptimConfig, rho: float | None, seed: int | None) -> Optimizer:
+    base = _base_of(o)
+    return SAM(params, base.cls, rho=rho, adaptive=True, **base.kwargs(o))
+
+
+def _build_gnm(params: ParamsT, o: OptimConfig, rho: float | None, seed: int | None) -> Optimizer:
+    base = _base_of(o)
+    return GNM(
+        params,
+        base.cls,
+        rho=GNM_RHO if rho is None else rho,
+        kappa=o.kappa,
+        sigma=o.sigma,
+        clip_sigmas=o.clip_sigmas,
+        seed=seed,
+        noise_decay=o.noise_decay,
+        **base.kwargs(o),
+    )
+
+
+def _build_gcsam(params: ParamsT, o: OptimConfig, rho: float | None, seed: int | None) -> Optimizer:
+    base = _base_of(o)
+    return GCSAM(
+        params,
+        base.cls,
+        rho=GCSAM_RHO if rho is None else rho,
+        beta1=o.beta1,
+        beta2=o.beta2,
+        granularity=o.granularity,
+        **base.kwargs(o),
+    )
+
+
+register_optimizer(_plain("sgd"))
+register_optimizer(_plain("adamw"))
+register_optimizer(
+    OptimizerSpec(
+        "sam",
+        SAM,
+        _build_sam,
+        SAM.passes,
+        SAM_RHO,
+        ("rho",),
+        "SAM, sharpness-aware minimization (Foret et al., ICLR 2021, arXiv:2010.01412)",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "asam",
+        SAM,
+        _build_asam,
+        SAM.passes,
+        ASAM_RHO,
+        ("rho",),
+        "ASAM, adaptive SAM with T = |theta| + 0.01 (Kwon et al., ICML 2021, arXiv:2102.11600)",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "gnm",
+        GNM,
+        _build_gnm,
+        GNM.passes,
+        GNM_RHO,
+        ("rho", "kappa", "sigma", "clip_sigmas", "noise_decay"),
+        "GNM, Gaussian neighbourhood minimization, one pass (GNM-PT, NeurIPS 2024, arXiv:2410.21042)",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "gcsam",
+        GCSAM,
+        _build_gcsam,
+        GCSAM.passes,
+        GCSAM_RHO,
+        ("rho", "beta1", "beta2", "granularity"),
+        "GCSAM, gradient-constrained SAM (GCSCoOp, arXiv:2309.07866)",
+    )
+)
+
+# snapshots of the built-in registrations (the registries themselves are the live source)
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
+BASE_OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adamw")
+DEFAULT_RHO: dict[str, float] = {n: s.default_rho for n, s in OPTIMIZERS.items() if s.default_rho is not None}
+"""rho used when ``optim.rho`` is null, from each spec's ``default_rho``."""
+TWO_PASS: tuple[str, ...] = tuple(n for n, s in OPTIMIZERS.items() if s.passes == 2)
+"""The optimizers that run two forward+backward passes per step (no gradient accumulation)."""
+
+
+def build_optimizer(params: ParamsT, optim: OptimConfig, *, seed: int | None = None) -> Optimizer:
+    """Return the optimizer ``optim.name`` over ``params``, configured from the typed ``optim`` section.
 
     Args:
         params: tensors or param-group dicts (only trainable ones should be passed).
-        name: one of ``OPTIMIZER_NAMES``. "sgd" / "adamw" return the plain torch optimizer; the others return a
-            :class:`SharpnessOptimizer` wrapping the ``base`` optimizer.
-        lr, weight_decay: of the (base) optimizer; decoupled for AdamW, L2 for SGD.
-        momentum: SGD momentum (ignored by AdamW).
-        base: "sgd" or "adamw", the base optimizer of the wrappers (ignored for "sgd" / "adamw").
-        rho: neighbourhood radius; None takes ``DEFAULT_RHO[name]``.
-        adaptive_eta: ASAM's eta in T = |theta| + eta.
-        kappa, sigma, clip_sigmas, seed: GNM's noise (see :class:`GNM`).
-        beta1, beta2, granularity: GCSAM's cosine bounds and where the cosine is taken (see :class:`GCSAM`).
+        optim: the config section. "sgd" / "adamw" give the plain torch optimizer; the others a
+            :class:`SharpnessOptimizer` wrapping ``optim.base``. ``optim.rho`` null takes the spec's
+            ``default_rho``; each spec's ``hyperparameters`` lists the fields it reads.
+        seed: GNM's noise seed (None draws one from torch's global generator); ignored by the others.
 
     Raises:
-        ValueError: for an unknown ``name`` or ``base``, naming the value and the allowed names, or for a
-            hyperparameter out of range.
+        ValueError: for an unknown ``optim.name`` or ``optim.base``, naming the value and the allowed names, or
+            for a hyperparameter out of range.
     """
-    if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"unknown optimizer {name!r}: expected one of {OPTIMIZER_NAMES}")
-    if name in BASE_OPTIMIZER_NAMES:
-        cls, kwargs = _base(name, lr, weight_decay, momentum)
-        return cls(params, **kwargs)
-    base_cls, base_kwargs = _base(base, lr, weight_decay, momentum)
-    r = DEFAULT_RHO[name] if rho is None else rho
-    if name in ("sam", "asam"):
-        return SAM(params, base_cls, rho=r, adaptive=name == "asam", eta=adaptive_eta, **base_kwargs)
-    if name == "gnm":
-        return GNM(
-            params,
-            base_cls,
-            rho=r,
-            kappa=kappa,
-            sigma=sigma,
-            clip_sigmas=clip_sigmas,
-            seed=seed,
-            **base_kwargs,
-        )
-    return GCSAM(params, base_cls, rho=r, beta1=beta1, beta2=beta2, granularity=granularity, **base_kwargs)
+    spec = get_optimizer_spec(optim.name)
+    return spec.builder(params, optim, optim.rho, seed)
 
 
 def passes_of(optimizer: Optimizer) -> int:

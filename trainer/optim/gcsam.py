@@ -30,7 +30,7 @@ has checked.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -38,9 +38,27 @@ from torch.optim.optimizer import ParamsT
 
 from trainer.optim.base import NORM_EPS, BaseOptimizerFactory, SharpnessOptimizer, check_hyperparameter
 
-__all__ = ["GCSAM", "GCSAM_GRANULARITIES", "constrained_gradient"]
+__all__ = [
+    "GCSAM",
+    "GCSAM_BETA1",
+    "GCSAM_BETA2",
+    "GCSAM_GRANULARITIES",
+    "GCSAM_GRANULARITY",
+    "GCSAM_RHO",
+    "Granularity",
+    "constrained_gradient",
+]
 
-GCSAM_GRANULARITIES = ("tensor", "global")
+Granularity = Literal["tensor", "global"]
+GCSAM_GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
+GCSAM_RHO = 0.1
+"""Default radius (GCSCoOp README example; the paper's value is unconfirmed)."""
+GCSAM_BETA1 = 0.5
+"""Default lower cosine bound (GCSCoOp "LOWBOUND")."""
+GCSAM_BETA2 = 0.8
+"""Default upper cosine bound (GCSCoOp "UPBOUND")."""
+GCSAM_GRANULARITY: Granularity = "tensor"
+"""Default place the cosine is taken: per tensor, as the reference."""
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -93,10 +111,10 @@ class GCSAM(SharpnessOptimizer):
     Args:
         params: tensors or param-group dicts to optimize (a group may set its own ``rho``).
         base_optimizer: optimizer class (or factory) built as ``base_optimizer(param_groups, **base_kwargs)``.
-        rho: radius of the ascent step, >= 0 (0.1; GCSCoOp's scripts pass 0.1 in the README and 8.0 in
+        rho: radius of the ascent step, >= 0 (:data:`GCSAM_RHO`, 0.1; GCSCoOp's scripts pass 0.1 in the README and 8.0 in
             ``run.sh``, the paper's value is unconfirmed: tune it).
-        beta1: lower cosine bound ("LOWBOUND", 0.5): at or below it the ERM gradient g0 is used.
-        beta2: upper cosine bound ("UPBOUND", 0.8): at or above it the SAM gradient g1 is used.
+        beta1: lower cosine bound ("LOWBOUND", :data:`GCSAM_BETA1` 0.5): at or below it g0 is used.
+        beta2: upper cosine bound ("UPBOUND", :data:`GCSAM_BETA2` 0.8): at or above it g1 is used.
         granularity: "tensor" (one cosine per tensor, the reference) or "global" (one over all tensors).
         **base_kwargs: forwarded to the base optimizer (``lr``, ``momentum``, ``weight_decay``...).
     """
@@ -109,10 +127,10 @@ class GCSAM(SharpnessOptimizer):
         self,
         params: ParamsT,
         base_optimizer: BaseOptimizerFactory,
-        rho: float = 0.1,
-        beta1: float = 0.5,
-        beta2: float = 0.8,
-        granularity: str = "tensor",
+        rho: float = GCSAM_RHO,
+        beta1: float = GCSAM_BETA1,
+        beta2: float = GCSAM_BETA2,
+        granularity: str = GCSAM_GRANULARITY,
         **base_kwargs: Any,
     ) -> None:
         check_hyperparameter("rho", rho, low=0.0)

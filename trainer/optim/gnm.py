@@ -18,8 +18,8 @@ about 0.27 % of the entries sit on the bound. Defaults (rho 0.05, kappa 0.1, sig
 std ~ 1.67e-3 and |eps| <= 5e-3, an absolute scale (not normalised by ||theta|| or ||g||).
 
 Differences from the reference code, on purpose: every perturbed tensor is restored (the reference restores only
-those that received a grad); the epoch-dependent factor is set by ``set_noise_factor`` instead of being computed
-from the epoch (whose 0-indexed formula doubles the noise in epoch 0); the noise comes from the optimizer's own
+those that received a grad); the epoch-dependent factor is set by ``on_epoch`` (``noise_decay`` from the DRW
+epoch on) instead of being computed from the epoch (whose 0-indexed formula doubles the noise in epoch 0); the noise comes from the optimizer's own
 generator, saved in ``state_dict`` for an exact resume.
 """
 
@@ -29,11 +29,22 @@ import logging
 from typing import Any, ClassVar
 
 import torch
-from torch.optim.optimizer import ParamsT
+from torch.optim.optimizer import ParamsT, StateDict
 
-from trainer.optim.base import BaseOptimizerFactory, SharpnessOptimizer, check_hyperparameter
+from trainer.optim.base import BaseOptimizerFactory, EpochStats, SharpnessOptimizer, check_hyperparameter
 
-__all__ = ["GNM"]
+__all__ = ["GNM", "GNM_CLIP_SIGMAS", "GNM_KAPPA", "GNM_NOISE_DECAY", "GNM_RHO", "GNM_SIGMA"]
+
+GNM_RHO = 0.05
+"""Default neighbourhood scale (GNM-PT)."""
+GNM_KAPPA = 0.1
+"""Default noise multiplier (GNM-PT ``dis_mul``)."""
+GNM_SIGMA = 1.0 / 3.0
+"""Default standard deviation of the base noise."""
+GNM_CLIP_SIGMAS = 3.0
+"""Default clamp of the noise, in sigmas (+-1 at sigma 1/3)."""
+GNM_NOISE_DECAY = 0.5
+"""Default noise factor from the re-weighting epoch on (GNM-PT halves the noise at its DRW epoch)."""
 
 _logger = logging.getLogger(__name__)
 
@@ -50,10 +61,13 @@ class GNM(SharpnessOptimizer):
         params: tensors or param-group dicts to optimize (a group may set its own ``rho``). Every tensor with
             ``requires_grad`` is perturbed.
         base_optimizer: optimizer class (or factory) built as ``base_optimizer(param_groups, **base_kwargs)``.
-        rho: neighbourhood scale, >= 0 (0.05 in GNM-PT).
-        kappa: noise multiplier (``dis_mul`` in GNM-PT), >= 0 (0.1).
-        sigma: standard deviation of the base noise, > 0 (1/3).
-        clip_sigmas: the noise is clamped at +-clip_sigmas * sigma, > 0 (3, i.e. +-1 at sigma = 1/3).
+        rho: neighbourhood scale, >= 0 (:data:`GNM_RHO`, 0.05 in GNM-PT).
+        kappa: noise multiplier (``dis_mul`` in GNM-PT), >= 0 (:data:`GNM_KAPPA`, 0.1).
+        sigma: standard deviation of the base noise, > 0 (:data:`GNM_SIGMA`, 1/3).
+        clip_sigmas: the noise is clamped at +-clip_sigmas * sigma, > 0 (:data:`GNM_CLIP_SIGMAS`, 3, i.e. +-1 at
+            sigma = 1/3).
+        noise_decay: the noise factor ``on_epoch`` sets from the re-weighting epoch on, >= 0
+            (:data:`GNM_NOISE_DECAY`, 0.5); 1 before it.
         seed: seed of the noise generator; None draws one from torch's global generator (so
             ``torch.manual_seed`` still makes the run reproducible).
         **base_kwargs: forwarded to the base optimizer (``lr``, ``momentum``, ``weight_decay``...).
@@ -67,15 +81,17 @@ class GNM(SharpnessOptimizer):
         self,
         params: ParamsT,
         base_optimizer: BaseOptimizerFactory,
-        rho: float = 0.05,
-        kappa: float = 0.1,
-        sigma: float = 1.0 / 3.0,
-        clip_sigmas: float = 3.0,
+        rho: float = GNM_RHO,
+        kappa: float = GNM_KAPPA,
+        sigma: float = GNM_SIGMA,
+        clip_sigmas: float = GNM_CLIP_SIGMAS,
         seed: int | None = None,
+        noise_decay: float = GNM_NOISE_DECAY,
         **base_kwargs: Any,
     ) -> None:
         check_hyperparameter("rho", rho, low=0.0)
         self.kappa = check_hyperparameter("kappa", kappa, low=0.0)
+        self.noise_decay = check_hyperparameter("noise_decay", noise_decay, low=0.0)
         self.sigma = check_hyperparameter("sigma", sigma, low=0.0, low_open=True)
         self.clip_sigmas = check_hyperparameter("clip_sigmas", clip_sigmas, low=0.0, low_open=True)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -93,8 +109,15 @@ class GNM(SharpnessOptimizer):
         """The factor c in eps = rho * kappa * c * z (1 before the re-weighting epoch, noise_decay after)."""
         return self._noise_factor
 
+    def on_epoch(self, epoch: int, drw_epoch: int) -> None:
+        """Set the noise factor for ``epoch``: ``noise_decay`` from ``drw_epoch`` (0-indexed) on, 1 before it."""
+        self.set_noise_factor(self.noise_decay if epoch >= drw_epoch else 1.0)
+
+    def epoch_stats(self) -> EpochStats:
+        return {"noise_factor": self._noise_factor}
+
     def set_noise_factor(self, c: float) -> None:
-        """Set the factor c of the noise scale (the engine passes ``noise_decay`` from the DRW epoch on).
+        """Set the factor c of the noise scale (``on_epoch`` sets ``noise_decay`` from the DRW epoch on).
 
         Raises:
             ValueError: if c is negative or not finite.
@@ -131,10 +154,10 @@ class GNM(SharpnessOptimizer):
             self.zero_grad()
 
     # ------------------------------------------------------------------------------------------ state dict
-    def _extra_state(self) -> dict[str, Any]:
+    def _extra_state(self) -> StateDict:
         return {"generator_state": self._generator.get_state(), "noise_factor": self._noise_factor}
 
-    def _load_extra_state(self, extra: dict[str, Any] | None) -> None:
+    def _load_extra_state(self, extra: StateDict | None) -> None:
         if not extra or "generator_state" not in extra:
             _logger.warning(
                 "GNM state dict has no generator state: the noise sequence will not resume exactly"

@@ -28,7 +28,14 @@ from torch.optim.optimizer import ParamsT
 
 from trainer.optim.base import BaseOptimizerFactory, SharpnessOptimizer, check_hyperparameter
 
-__all__ = ["SAM"]
+__all__ = ["ASAM_ETA", "ASAM_RHO", "SAM", "SAM_RHO"]
+
+SAM_RHO = 0.05
+"""SAM's default radius (davda54/sam; ASAM README: 0.05 on CIFAR-10, 0.1 on CIFAR-100)."""
+ASAM_RHO = 0.5
+"""ASAM's default radius (ASAM README: 0.5 on CIFAR-10, 1.0 on CIFAR-100; ~10x SAM's because T rescales g)."""
+ASAM_ETA = 0.01
+"""ASAM's offset eta in T = |theta| + eta (the official ``asam.py``)."""
 
 
 class SAM(SharpnessOptimizer):
@@ -40,9 +47,10 @@ class SAM(SharpnessOptimizer):
     Args:
         params: tensors or param-group dicts to optimize (a group may set its own ``rho``).
         base_optimizer: optimizer class (or factory) built as ``base_optimizer(param_groups, **base_kwargs)``.
-        rho: radius of the ascent step, >= 0 (0.05: davda54/sam; ASAM's README uses 0.5-1.0 for ASAM).
+        rho: radius of the ascent step, >= 0; None takes :data:`SAM_RHO` (0.05) for SAM and :data:`ASAM_RHO`
+            (0.5) for ASAM, the same defaults as the optimizer registry's ``default_rho``.
         adaptive: ASAM's scale-invariant ascent with T = |theta| + eta.
-        eta: ASAM's offset in T, >= 0 (0.01 as in the official ``asam.py``).
+        eta: ASAM's offset in T, >= 0 (:data:`ASAM_ETA`, 0.01 as in the official ``asam.py``).
         **base_kwargs: forwarded to the base optimizer (``lr``, ``momentum``, ``weight_decay``...).
     """
 
@@ -54,14 +62,16 @@ class SAM(SharpnessOptimizer):
         self,
         params: ParamsT,
         base_optimizer: BaseOptimizerFactory,
-        rho: float = 0.05,
+        rho: float | None = None,
         adaptive: bool = False,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         **base_kwargs: Any,
     ) -> None:
-        check_hyperparameter("rho", rho, low=0.0)
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+        if rho is None:
+            rho = ASAM_RHO if adaptive else SAM_RHO
+        check_hyperparameter("rho", rho, low=0.0)
         self.adaptive = adaptive
         self.eta = check_hyperparameter("eta", eta, low=0.0)
         super().__init__(params, base_optimizer, {"rho": rho}, **base_kwargs)
