@@ -227,14 +227,31 @@ def _format_validation(e: ValidationError, source: str) -> str:
     return f"invalid config ({source}): " + "; ".join(parts) + " - fix the value or remove the field"
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+"""The packaged recipes (``trainer/recipes/*.yaml``; ``recipes/`` at the repository root links here)."""
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """``path`` when it names a file; otherwise the packaged recipe it names (``gnm_drw_cifar100_lt``,
+    ``recipes/gnm_drw_cifar100_lt.yaml``), so recipes work from an installed wheel in any directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = RECIPES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    return packaged if packaged.is_file() else p
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars)."""
     tree: dict[str, object] = {}  # parsed YAML: arbitrary until validated
     source = "defaults"
     if path is not None:
-        p = Path(path)
+        p = resolve_recipe(path)
         if not p.is_file():
-            raise UserError(f"config file {p} does not exist: pass a YAML file (see recipes/)")
+            raise UserError(
+                f"config file {p} does not exist: pass a YAML file, or the name of a packaged recipe "
+                f"({', '.join(sorted(x.stem for x in RECIPES_DIR.glob('*.yaml')))})"
+            )
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

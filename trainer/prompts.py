@@ -54,8 +54,6 @@ class VisualPrompts(nn.Module):
 
 
 class PromptedCLIP(nn.Module):
-    class_tokens: torch.Tensor  # [C, L] prompt token ids of ``class_names`` (a buffer)
-
     """A frozen open_clip CLIP with a learned text context and optional visual prompts.
 
     Args:
@@ -68,6 +66,8 @@ class PromptedCLIP(nn.Module):
         vpt_deep: prompts before every block (deep) or only the first (shallow).
         template: only with n_ctx = 0, the hand-written prompt template.
     """
+
+    class_tokens: torch.Tensor  # [C, L] prompt token ids of ``class_names`` (a buffer)
 
     def __init__(
         self,

@@ -29,7 +29,8 @@ Kinds:
   ``names_file`` (relative to ``root`` unless absolute); images are under ``root``.
 - ``"imagefolder"``: ``root/<train_dir>/<class>/...`` and ``root/<test_dir>/<class>/...``; the classes are the
   train folders.
-- ``"toy"``: the toy world, registered by its own module with :func:`register_builder` (not here).
+Other kinds can be added with :func:`register_builder`. The toy world (``data.kind: toy``) is not one of
+them: :func:`trainer.data.tasks.task_from_config` builds it directly from the run config.
 """
 
 from __future__ import annotations
