@@ -168,3 +168,11 @@ def test_bad_settings_are_user_errors(tiny_clip, tiny_tokenizer):
     other = PromptedCLIP(tiny_clip.model, tiny_tokenizer, n_ctx=3, ctx_init=None)
     with pytest.raises(UserError, match="shape"):
         m.load_trainable_state_dict(other.trainable_state_dict())
+
+
+def test_prompted_clip_documents_itself() -> None:
+    """The class docstring must be the first statement of the class body (it once stood after an
+    attribute, leaving ``__doc__`` None)."""
+    from trainer.prompts import PromptedCLIP
+
+    assert PromptedCLIP.__doc__ and PromptedCLIP.__doc__.startswith("A frozen open_clip CLIP")
