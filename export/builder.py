@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,19 @@ import torch
 
 from export import graphs, parity, text_paths
 from export.sources import ExportSource
-from export.tokenizer import tokenizer_manifest, write_pretokenizer_json, write_tokenizer_json
+from export.tokenizer import tokenizer_info, write_pretokenizer_json, write_tokenizer_json
 from serving.runtime import bundle as rt
+from serving.runtime.manifest import (
+    ClassesInfo,
+    GraphEntry,
+    JSONObject,
+    Manifest,
+    ModelIdentity,
+    OnnxInfo,
+    PromptInfo,
+    SourceInfo,
+    TensorSpec,
+)
 from serving.runtime.preprocess import PreprocessConfig
 from trainer.errors import UserError
 from trainer.prompts import ZERO_SHOT_TEMPLATE, PromptedCLIP
@@ -57,7 +68,7 @@ class ExportOptions:
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -134,105 +145,105 @@ def handwritten_template(source: ExportSource) -> str:
     return tpl
 
 
-def _text_graph_entry(fp32: str, fp16: str | None, context_length: int, embed_dim: int) -> dict[str, Any]:
-    return {
-        "fp32": fp32,
-        "fp16": fp16,
-        "input": {"name": rt.TEXT_INPUT, "dtype": "int64", "shape": ["N", context_length]},
-        "output": {"name": rt.OUTPUT, "dtype": "float32", "shape": ["N", embed_dim], "l2_normalised": True},
-    }
+def _text_graph_entry(fp32: str, fp16: str | None, context_length: int, embed_dim: int) -> GraphEntry:
+    return GraphEntry(
+        fp32=fp32,
+        fp16=fp16,
+        input=TensorSpec(name=rt.TEXT_INPUT, dtype="int64", shape=["N", context_length]),
+        output=TensorSpec(name=rt.OUTPUT, dtype="float32", shape=["N", embed_dim], l2_normalised=True),
+    )
 
 
 def _base_manifest(
-    source: ExportSource, options: ExportOptions, pre: PreprocessConfig, context_length: int, embed_dim: int
-) -> dict[str, Any]:
+    source: ExportSource,
+    options: ExportOptions,
+    pre: PreprocessConfig,
+    context_length: int,
+    embed_dim: int,
+    exporter: str | dict[str, str],
+    graph_info: dict[str, JSONObject],
+) -> Manifest:
+    """The manifest before parity (``parity`` empty, ``files`` filled in by :func:`_write_manifest`)."""
     import onnx
     import onnxruntime
     import open_clip
 
     model = source.model
     ident = source.identity
-    graph_entries: dict[str, Any] = {}
+    graph_entries: dict[str, GraphEntry] = {
+        "image_encoder": GraphEntry(
+            fp32=rt.IMAGE_ENCODER,
+            fp16=rt.IMAGE_ENCODER_FP16 if options.fp16 else None,
+            input=TensorSpec(
+                name=rt.IMAGE_INPUT, dtype="float32", shape=["N", 3, pre.image_size, pre.image_size]
+            ),
+            output=TensorSpec(name=rt.OUTPUT, dtype="float32", shape=["N", embed_dim], l2_normalised=True),
+        ),
+        "text_encoder": _text_graph_entry(
+            rt.TEXT_ENCODER, rt.TEXT_ENCODER_FP16 if options.fp16 else None, context_length, embed_dim
+        ),
+    }
     if model.n_ctx > 0:  # the frozen text tower without the learned context: the "handwritten" text path
         graph_entries["text_encoder_handwritten"] = _text_graph_entry(
             rt.TEXT_ENCODER_HANDWRITTEN, None, context_length, embed_dim
         )
-    return {
-        "format_version": rt.FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {
-            "name": ident.name,
-            "pretrained": ident.pretrained,
-            "config_path": ident.config_path,
-            "open_clip_version": open_clip.__version__,
-            "weights_sha256": ident.weights_sha256,
-            "checkpoint_sha256": source.checkpoint_sha256,
-            # the towers' MLP activation, baked into the graphs ("quick_gelu" for OpenAI weights); null for
+    vpt_length = int(getattr(model, "vpt_length", 0))
+    return Manifest(
+        format_version=rt.FORMAT_VERSION,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=ModelIdentity(
+            name=ident.name,
+            pretrained=ident.pretrained,
+            config_path=ident.config_path,
+            open_clip_version=open_clip.__version__,
+            weights_sha256=ident.weights_sha256,
+            checkpoint_sha256=source.checkpoint_sha256,
+            # the towers' MLP activation, baked into the graphs ("quick_gelu" for OpenAI weights); None for
             # a checkpoint written before flatprompt recorded it
-            "activation": ident.activation,
-        },
-        "source": {
-            "kind": source.kind,
-            "checkpoint": source.checkpoint,
-            "checkpoint_sha256": source.checkpoint_sha256,
-            **source.extra,
-        },
-        "onnx": {
-            "opset": options.opset,
-            "exporter": None,
-            "onnx_version": onnx.__version__,
-            "onnxruntime_version": onnxruntime.__version__,
-            "torch_version": torch.__version__,
-        },
-        "logit_scale": float(model.logit_scale),
-        "logit_bias": None if model.logit_bias is None else float(model.logit_bias),
-        "embed_dim": embed_dim,
-        "context_length": context_length,
-        "prompt": {
-            "template": model.template,
-            "n_ctx": int(model.n_ctx),
-            "placeholder": "X",
-            "vpt_length": int(getattr(model, "vpt_length", 0)),
-            "vpt_deep": bool(getattr(model, "vpt_deep", False)) and int(getattr(model, "vpt_length", 0)) > 0,
+            activation=ident.activation,
+        ),
+        source=SourceInfo(
+            kind=source.kind,
+            checkpoint=source.checkpoint,
+            checkpoint_sha256=source.checkpoint_sha256,
+            extra=dict(source.extra),
+        ),
+        onnx=OnnxInfo(
+            opset=options.opset,
+            exporter=exporter,
+            onnx_version=onnx.__version__,
+            onnxruntime_version=onnxruntime.__version__,
+            torch_version=torch.__version__,
+            graphs=graph_info,
+        ),
+        logit_scale=float(model.logit_scale),
+        logit_bias=None if model.logit_bias is None else float(model.logit_bias),
+        embed_dim=embed_dim,
+        context_length=context_length,
+        prompt=PromptInfo(
+            template=model.template,
+            n_ctx=int(model.n_ctx),
+            placeholder="X",
+            vpt_length=vpt_length,
+            vpt_deep=bool(getattr(model, "vpt_deep", False)) and vpt_length > 0,
             # the "handwritten" text path: this template through the frozen tower without the learned context
-            "handwritten_template": handwritten_template(source),
-        },
-        "tokenizer": tokenizer_manifest(context_length, rt.TOKENIZER, rt.PRETOKENIZER),
-        "preprocess": pre.to_manifest(),
-        "classes": {"count": len(source.class_names), "file": rt.CLASSES, "embeddings": rt.CLASS_EMBEDDINGS},
-        "graphs": {
-            "image_encoder": {
-                "fp32": rt.IMAGE_ENCODER,
-                "fp16": rt.IMAGE_ENCODER_FP16 if options.fp16 else None,
-                "input": {
-                    "name": rt.IMAGE_INPUT,
-                    "dtype": "float32",
-                    "shape": ["N", 3, pre.image_size, pre.image_size],
-                },
-                "output": {
-                    "name": rt.OUTPUT,
-                    "dtype": "float32",
-                    "shape": ["N", embed_dim],
-                    "l2_normalised": True,
-                },
-            },
-            "text_encoder": _text_graph_entry(
-                rt.TEXT_ENCODER, rt.TEXT_ENCODER_FP16 if options.fp16 else None, context_length, embed_dim
-            ),
-            **graph_entries,
-        },
-        "parity": {},
-        "files": {},
-    }
-
-
-def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
-    manifest["files"] = {
-        f.name: rt.file_entry(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != rt.MANIFEST
-    }
-    (tmp / rt.MANIFEST).write_text(
-        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            handwritten_template=handwritten_template(source),
+        ),
+        tokenizer=tokenizer_info(context_length, rt.TOKENIZER, rt.PRETOKENIZER),
+        preprocess=pre.to_manifest(),
+        classes=ClassesInfo(count=len(source.class_names), file=rt.CLASSES, embeddings=rt.CLASS_EMBEDDINGS),
+        graphs=graph_entries,
+        parity={},
+        files={},
     )
+
+
+def _write_manifest(tmp: Path, manifest: Manifest) -> Manifest:
+    """``manifest`` with ``files`` listing every file in ``tmp``, written there; returns it."""
+    files = {f.name: rt.file_entry(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != rt.MANIFEST}
+    manifest = replace(manifest, files=files)
+    manifest.write(tmp)
+    return manifest
 
 
 def _cuda_in_ort() -> bool:
@@ -403,35 +414,36 @@ def export_bundle(
             graphs.convert_fp16(tmp / rt.IMAGE_ENCODER, tmp / rt.IMAGE_ENCODER_FP16)
             graphs.convert_fp16(tmp / rt.TEXT_ENCODER, tmp / rt.TEXT_ENCODER_FP16)
 
-        manifest = _base_manifest(source, opts, pre, context_length, embed_dim)
-        manifest["onnx"]["exporter"] = (
-            kind_img if kind_img == kind_txt else {"image_encoder": kind_img, "text_encoder": kind_txt}
+        exporter = kind_img if kind_img == kind_txt else {"image_encoder": kind_img, "text_encoder": kind_txt}
+        manifest = _write_manifest(
+            tmp, _base_manifest(source, opts, pre, context_length, embed_dim, exporter, info)
         )
-        manifest["onnx"]["graphs"] = info
-        _write_manifest(tmp, manifest)
 
         t1 = time.perf_counter()
         try:
             bundle = rt.Bundle.load(tmp, providers=[rt.CPU], verify=False, precision="fp32")
         except rt.BundleError as e:
             raise ExportError(f"the exported bundle does not load in the runtime: {e}") from e
-        manifest["parity"] = _measure(source, bundle, bank, pre, opts, tmp)
+        report = _measure(source, bundle, bank, pre, opts, tmp)
         timings["parity_s"] = time.perf_counter() - t1
         try:
-            manifest["prompt"].update(
-                text_paths.choose_default(
-                    bundle,
-                    source.extra.get("data_kind"),
-                    int(source.extra.get("data_seed", 0)),
-                    opts.default_text_path,
-                )
+            choice = text_paths.choose_default(
+                bundle,
+                source.extra.get("data_kind"),
+                int(source.extra.get("data_seed", 0)),
+                opts.default_text_path,
             )
         except ValueError as e:
             raise UserError(str(e)) from e
         del bundle
-        parity.check(manifest["parity"], opts.tol, opts.fp16_tol)
-
-        _write_manifest(tmp, manifest)
+        parity.check(report, opts.tol, opts.fp16_tol)
+        prompt = replace(
+            manifest.prompt,
+            default_text_path=choice.default_text_path,
+            default_text_path_source=choice.default_text_path_source,
+            text_path_novel_top1=choice.text_path_novel_top1,
+        )
+        manifest = _write_manifest(tmp, replace(manifest, prompt=prompt, parity=report))
         try:
             rt.Bundle.load(tmp, providers=[rt.CPU], verify=True, precision="fp32")
         except rt.BundleError as e:
