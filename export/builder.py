@@ -8,7 +8,6 @@ existing bundle at ``out`` is only replaced with ``force=True`` (and only if it 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -16,7 +15,6 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +25,7 @@ from export.tokenizer import tokenizer_info, write_pretokenizer_json, write_toke
 from serving.runtime import bundle as rt
 from serving.runtime.manifest import (
     ClassesInfo,
+    ClassList,
     GraphEntry,
     JSONObject,
     Manifest,
@@ -259,75 +258,82 @@ def _measure(
     pre: PreprocessConfig,
     options: ExportOptions,
     tmp: Path,
-) -> dict[str, Any]:
+) -> parity.ParityReport:
     """All parity figures (see :mod:`export.parity`)."""
     model = source.model
     size = pre.image_size
     names = source.class_names
-    result: dict[str, Any] = {
-        "tolerance": options.tol,
-        "fp16_tolerance": options.fp16_tol,
-        "provider": bundle.provider,
-    }
 
     prompts = [model.template.format(n) for n in names[:512]]
-    result["tokenizer"] = parity.tokenizer_parity(
-        model.tokenizer, bundle.tokenize, prompts + parity.HARD_TEXTS
-    )
+    tokenizer = parity.tokenizer_parity(model.tokenizer, bundle.tokenize, prompts + parity.HARD_TEXTS)
 
     images = parity.parity_images(options.parity_images, size, options.seed)
-    result["preprocess"] = parity.preprocess_parity(pre, images)
+    preprocess = parity.preprocess_parity(pre, images)
 
     img_inputs = [parity.random_pixels(b, size, options.seed + b) for b in options.batch_sizes]
     img_inputs.append(bundle.preprocess_batch(images))
-    result["image_fp32"] = parity.graph_parity(
-        model.encode_image, bundle.embed_images, img_inputs, options.batch_sizes
+    image_fp32 = replace(
+        parity.graph_parity(model.encode_image, bundle.embed_images, img_inputs, options.batch_sizes),
+        parity_images=len(images),
     )
-    result["image_fp32"]["parity_images"] = len(images)
 
     pool = names + _EXTRA_TEXTS
     txt_inputs = []
     for k, b in enumerate(options.batch_sizes):
         picked = [pool[(k * 7 + j) % len(pool)] for j in range(b)]
         txt_inputs.append(model.tokenize(picked).numpy())
-    result["text_fp32"] = parity.graph_parity(
+    text_fp32 = parity.graph_parity(
         model.encode_token_ids, bundle.embed_token_ids, txt_inputs, options.batch_sizes
     )
 
     ort_bank = bundle.embed_texts(names)
-    result["class_bank_fp32"] = {"classes": len(names), "max_abs_diff": float(np.abs(ort_bank - bank).max())}
+    class_bank = parity.ClassBankParity(classes=len(names), max_abs_diff=float(np.abs(ort_bank - bank).max()))
 
     hand_tpl = handwritten_template(source)
+    text_handwritten = None
     if model.n_ctx > 0:
         hand_inputs = [
             model.tokenizer([hand_tpl.format(n) for n in (pool * b)[:b]]).numpy() for b in options.batch_sizes
         ]
-        result["text_handwritten_fp32"] = parity.graph_parity(
+        text_handwritten = parity.graph_parity(
             lambda t: model.encode_token_ids(t, learned=False),
             lambda x: bundle.embed_token_ids(x, text_path="handwritten"),
             hand_inputs,
             options.batch_sizes,
         )
-    result["text_paths"] = parity.text_path_parity(model, bundle, pool, hand_tpl)
+    paths = parity.text_path_parity(model, bundle, pool, hand_tpl)
 
     with torch.no_grad():
         torch_img = model.encode_image(torch.from_numpy(img_inputs[-1])).float().numpy()
     ort_img = bundle.embed_images(img_inputs[-1])
-    result["top1"] = parity.top1_agreement(torch_img, ort_img, bank)
-    result["top1_agreement"] = result["top1"]["top1_agreement"]
+    top1 = parity.top1_agreement(torch_img, ort_img, bank)
 
+    image_fp16 = text_fp16 = None
     if options.fp16:
         cuda = _cuda_in_ort()
         with torch.no_grad():
             img_refs = [model.encode_image(torch.from_numpy(x)).float().numpy() for x in img_inputs]
             txt_refs = [model.encode_token_ids(torch.from_numpy(x)).float().numpy() for x in txt_inputs]
-        result["image_fp16"] = parity.fp16_parity(
+        image_fp16 = parity.fp16_parity(
             tmp / rt.IMAGE_ENCODER_FP16, rt.IMAGE_INPUT, img_inputs, img_refs, cuda
         )
-        result["text_fp16"] = parity.fp16_parity(
-            tmp / rt.TEXT_ENCODER_FP16, rt.TEXT_INPUT, txt_inputs, txt_refs, cuda
-        )
-    return result
+        text_fp16 = parity.fp16_parity(tmp / rt.TEXT_ENCODER_FP16, rt.TEXT_INPUT, txt_inputs, txt_refs, cuda)
+    return parity.ParityReport(
+        tolerance=options.tol,
+        fp16_tolerance=options.fp16_tol,
+        provider=bundle.provider,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        image_fp32=image_fp32,
+        text_fp32=text_fp32,
+        class_bank_fp32=class_bank,
+        text_handwritten_fp32=text_handwritten,
+        text_paths=paths,
+        top1=top1,
+        top1_agreement=top1.top1_agreement,
+        image_fp16=image_fp16,
+        text_fp16=text_fp16,
+    )
 
 
 def export_bundle(
@@ -404,12 +410,7 @@ def export_bundle(
         write_pretokenizer_json(tmp / rt.PRETOKENIZER)
         bank = _encode_names_torch(model, source.class_names)
         np.save(tmp / rt.CLASS_EMBEDDINGS, bank)
-        (tmp / rt.CLASSES).write_text(
-            json.dumps(
-                {"names": source.class_names, "counts": source.class_counts}, ensure_ascii=False, indent=1
-            ),
-            encoding="utf-8",
-        )
+        ClassList(names=list(source.class_names), counts=list(source.class_counts)).write(tmp / rt.CLASSES)
         if opts.fp16:
             graphs.convert_fp16(tmp / rt.IMAGE_ENCODER, tmp / rt.IMAGE_ENCODER_FP16)
             graphs.convert_fp16(tmp / rt.TEXT_ENCODER, tmp / rt.TEXT_ENCODER_FP16)
@@ -443,7 +444,7 @@ def export_bundle(
             default_text_path_source=choice.default_text_path_source,
             text_path_novel_top1=choice.text_path_novel_top1,
         )
-        manifest = _write_manifest(tmp, replace(manifest, prompt=prompt, parity=report))
+        manifest = _write_manifest(tmp, replace(manifest, prompt=prompt, parity=report.to_dict()))
         try:
             rt.Bundle.load(tmp, providers=[rt.CPU], verify=True, precision="fp32")
         except rt.BundleError as e:

@@ -130,6 +130,23 @@ def test_manifest_lists_every_file_with_its_checksum(tuned_bundle):
     assert manifest["preprocess"]["exif_transpose"] is False
     assert manifest["onnx"]["exporter"] == "dynamo"
     par = manifest["parity"]
+    assert list(par) == [  # export.parity.ParityReport writes the keys the dict literal wrote, in its order
+        "tolerance",
+        "fp16_tolerance",
+        "provider",
+        "tokenizer",
+        "preprocess",
+        "image_fp32",
+        "text_fp32",
+        "class_bank_fp32",
+        "text_handwritten_fp32",
+        "text_paths",
+        "top1",
+        "top1_agreement",
+    ]
+    assert list(par["image_fp32"]) == ["max_abs_diff", "batch_sizes", "per_batch", "parity_images"]
+    assert list(par["text_paths"]) == ["names", "learned", "handwritten", "ensemble"]
+    assert list(json.loads((tuned_bundle / "classes.json").read_text())) == ["names", "counts"]
     assert par["image_fp32"]["batch_sizes"] == [1, 2, 5] and par["text_fp32"]["batch_sizes"] == [1, 2, 5]
     assert par["image_fp32"]["max_abs_diff"] <= 1e-4 and par["text_fp32"]["max_abs_diff"] <= 1e-4
     assert par["top1_agreement"] == 1.0 and par["tokenizer"]["mismatches"] == 0
@@ -476,7 +493,8 @@ def test_fp16_parity_reports_not_measured_when_onnxruntime_cannot_run_it(tmp_pat
     bogus.write_bytes(b"not an onnx graph")
     x = np.zeros((1, 3, 4, 4), np.float32)
     entry = fp16_parity(bogus, "pixels", [x], [np.zeros((1, 2), np.float32)], cuda=False)
-    assert entry["status"] == "not measured on CPU" and "CPUExecutionProvider" in entry["reason"]
+    assert entry.status == "not measured on CPU" and entry.reason and "CPUExecutionProvider" in entry.reason
+    assert list(entry.to_dict()) == ["status", "reason"]
 
 
 def test_default_text_path_is_recorded(tuned, tuned_bundle, tmp_path):

@@ -35,7 +35,7 @@ class BundleError(Exception):
 
 
 def _to_json(value: object) -> JSONValue:
-    if isinstance(value, _Section):
+    if isinstance(value, Record):
         return value.to_dict()
     if isinstance(value, dict):
         return {k: _to_json(v) for k, v in value.items()}
@@ -44,10 +44,10 @@ def _to_json(value: object) -> JSONValue:
     return value
 
 
-class _Section:
-    """``to_dict``: the fields in order (OMIT ones only when set), then the unknown keys kept in ``extra``."""
-
-    extra: JSONObject
+class Record:
+    """Base of a dataclass written as JSON: :meth:`to_dict` gives the fields in order (an ``OMIT`` field only
+    when set; nested records, lists and maps converted), then the unknown keys kept in ``extra`` if it has one.
+    """
 
     def to_dict(self) -> JSONObject:
         out: JSONObject = {}
@@ -58,7 +58,7 @@ class _Section:
             if value is None and f.metadata.get("omit_if_none"):
                 continue
             out[f.name] = _to_json(value)
-        out.update(self.extra)
+        out.update(getattr(self, "extra", {}))
         return out
 
 
@@ -88,7 +88,7 @@ def _opt_str(value: JSONValue) -> str | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FileEntry(_Section):
+class FileEntry(Record):
     """A ``files`` entry: the file's sha256 and size."""
 
     sha256: str
@@ -112,7 +112,7 @@ class FileEntry(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelIdentity(_Section):
+class ModelIdentity(Record):
     """``model``: which CLIP the graphs were exported from (keys after ``name`` None when not recorded)."""
 
     name: str | None = None  # readers show "unknown"
@@ -139,7 +139,7 @@ class ModelIdentity(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SourceInfo(_Section):
+class SourceInfo(Record):
     """``source``: what was exported; ``extra`` holds the exporter's additional fields (epoch, data_kind...)."""
 
     kind: str | None = None  # "prompt_tuned" | "zero_shot"; readers show "unknown"
@@ -158,7 +158,7 @@ class SourceInfo(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class OnnxInfo(_Section):
+class OnnxInfo(Record):
     """``onnx``: how the graphs were written. ``exporter`` is one name, or one per graph when they differ."""
 
     opset: int | None = None
@@ -184,7 +184,7 @@ class OnnxInfo(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PromptInfo(_Section):
+class PromptInfo(Record):
     """``prompt``: the template, the learned context and the text paths (docs/bundle.md)."""
 
     template: str
@@ -218,7 +218,7 @@ class PromptInfo(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TokenizerInfo(_Section):
+class TokenizerInfo(Record):
     """``tokenizer``: the files and open_clip's special ids (the rest describes the tokenizer)."""
 
     file: str = "tokenizer.json"
@@ -258,7 +258,7 @@ class TokenizerInfo(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PreprocessInfo(_Section):
+class PreprocessInfo(Record):
     """``preprocess``: open_clip's eval transform (``serving.runtime.preprocess.PreprocessConfig``).
 
     ``crop``, ``convert`` and ``antialias`` are descriptive (the runtime derives them).
@@ -302,7 +302,7 @@ def _triple(value: JSONValue, name: str) -> tuple[float, float, float]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClassesInfo(_Section):
+class ClassesInfo(Record):
     """``classes``: how many, and the two files holding the names and the embedding bank."""
 
     count: int
@@ -321,7 +321,7 @@ class ClassesInfo(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TensorSpec(_Section):
+class TensorSpec(Record):
     """A graph's input or output: name, dtype and shape (``"N"`` for the batch)."""
 
     name: str
@@ -343,7 +343,7 @@ class TensorSpec(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class GraphEntry(_Section):
+class GraphEntry(Record):
     """A ``graphs`` entry: the fp32 file, the fp16 one (None without ``--fp16``) and the I/O."""
 
     fp32: str
@@ -363,8 +363,20 @@ class GraphEntry(_Section):
         )
 
 
+@dataclass(frozen=True)
+class ClassList(Record):
+    """``classes.json``: the trained class names and their training counts (0 for a zero-shot class list)."""
+
+    names: list[str]
+    counts: list[int]
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write ``classes.json`` at ``path`` (as the exporter has always written it)."""
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
+
+
 @dataclass(frozen=True, kw_only=True)
-class Manifest(_Section):
+class Manifest(Record):
     """``manifest.json`` of a bundle (docs/bundle.md's manifest table names every field)."""
 
     format_version: int
