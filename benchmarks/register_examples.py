@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     name_only = scale * test_emb @ text.T
     name_only_all = scale * test_emb @ np.concatenate([trained, text]).T
     print(
-        f"bundle {args.bundle} ({bundle.manifest.get('model', {}).get('name', '?')}, n_ctx {bundle.n_ctx}); "
+        f"bundle {args.bundle} ({bundle.manifest.model.name or '?'}, n_ctx {bundle.n_ctx}); "
         f"{len(names)} novel classes x {args.test_per_class} test images; seeds {args.seeds}\n"
     )
     print("| K examples | text weight w | novel acc, all classes | novel acc, novel only |")

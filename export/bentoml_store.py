@@ -11,7 +11,6 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 from serving.runtime import bundle as rt
 from trainer.errors import UserError
@@ -35,24 +34,24 @@ def save_to_bentoml(bundle_dir: str | Path, name: str) -> str:
     except rt.BundleError as e:
         raise UserError(f"cannot save {src} to BentoML: {e}") from e
     bundle_hash = hashlib.sha256((src / rt.MANIFEST).read_bytes()).hexdigest()
-    model = manifest.get("model") or {}
+    model = manifest.model
     labels = {
         "bundle_hash": bundle_hash[:16],
-        "format_version": str(manifest["format_version"]),
-        "kind": str((manifest.get("source") or {}).get("kind", "unknown")),
+        "format_version": str(manifest.format_version),
+        "kind": manifest.source.kind or "unknown",
     }
-    metadata: dict[str, Any] = {
+    metadata: dict[str, str | int | float] = {
         "bundle_hash": bundle_hash,
-        "model_name": str(model.get("name") or "unknown"),
-        "pretrained": str(model.get("pretrained")),
-        "embed_dim": int(manifest["embed_dim"]),
-        "classes": int((manifest.get("classes") or {}).get("count", 0)),
-        "top1_agreement": float((manifest.get("parity") or {}).get("top1_agreement", 0.0)),
+        "model_name": model.name or "unknown",
+        "pretrained": str(model.pretrained),
+        "embed_dim": manifest.embed_dim,
+        "classes": manifest.classes.count if manifest.classes else 0,
+        "top1_agreement": float(manifest.parity.get("top1_agreement", 0.0)),
     }
     try:
         with bentoml.models.create(name, labels=labels, metadata=metadata) as entry:
             target = Path(entry.path)
-            for rel in [rt.MANIFEST, *manifest["files"]]:
+            for rel in [rt.MANIFEST, *manifest.files]:
                 shutil.copy2(src / rel, target / rel)
     except (ValueError, BentoMLException) as e:
         raise UserError(

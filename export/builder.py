@@ -8,23 +8,33 @@ existing bundle at ``out`` is only replaced with ``force=True`` (and only if it 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from export import graphs, parity, text_paths
 from export.sources import ExportSource
-from export.tokenizer import tokenizer_manifest, write_pretokenizer_json, write_tokenizer_json
+from export.tokenizer import tokenizer_info, write_pretokenizer_json, write_tokenizer_json
 from serving.runtime import bundle as rt
+from serving.runtime.manifest import (
+    ClassesInfo,
+    ClassList,
+    GraphEntry,
+    JSONObject,
+    Manifest,
+    ModelIdentity,
+    OnnxInfo,
+    PromptInfo,
+    SourceInfo,
+    TensorSpec,
+)
 from serving.runtime.preprocess import PreprocessConfig
 from trainer.errors import UserError
 from trainer.prompts import ZERO_SHOT_TEMPLATE, PromptedCLIP
@@ -57,7 +67,7 @@ class ExportOptions:
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -134,105 +144,105 @@ def handwritten_template(source: ExportSource) -> str:
     return tpl
 
 
-def _text_graph_entry(fp32: str, fp16: str | None, context_length: int, embed_dim: int) -> dict[str, Any]:
-    return {
-        "fp32": fp32,
-        "fp16": fp16,
-        "input": {"name": rt.TEXT_INPUT, "dtype": "int64", "shape": ["N", context_length]},
-        "output": {"name": rt.OUTPUT, "dtype": "float32", "shape": ["N", embed_dim], "l2_normalised": True},
-    }
+def _text_graph_entry(fp32: str, fp16: str | None, context_length: int, embed_dim: int) -> GraphEntry:
+    return GraphEntry(
+        fp32=fp32,
+        fp16=fp16,
+        input=TensorSpec(name=rt.TEXT_INPUT, dtype="int64", shape=["N", context_length]),
+        output=TensorSpec(name=rt.OUTPUT, dtype="float32", shape=["N", embed_dim], l2_normalised=True),
+    )
 
 
 def _base_manifest(
-    source: ExportSource, options: ExportOptions, pre: PreprocessConfig, context_length: int, embed_dim: int
-) -> dict[str, Any]:
+    source: ExportSource,
+    options: ExportOptions,
+    pre: PreprocessConfig,
+    context_length: int,
+    embed_dim: int,
+    exporter: str | dict[str, str],
+    graph_info: dict[str, JSONObject],
+) -> Manifest:
+    """The manifest before parity (``parity`` empty, ``files`` filled in by :func:`_write_manifest`)."""
     import onnx
     import onnxruntime
     import open_clip
 
     model = source.model
     ident = source.identity
-    graph_entries: dict[str, Any] = {}
+    graph_entries: dict[str, GraphEntry] = {
+        "image_encoder": GraphEntry(
+            fp32=rt.IMAGE_ENCODER,
+            fp16=rt.IMAGE_ENCODER_FP16 if options.fp16 else None,
+            input=TensorSpec(
+                name=rt.IMAGE_INPUT, dtype="float32", shape=["N", 3, pre.image_size, pre.image_size]
+            ),
+            output=TensorSpec(name=rt.OUTPUT, dtype="float32", shape=["N", embed_dim], l2_normalised=True),
+        ),
+        "text_encoder": _text_graph_entry(
+            rt.TEXT_ENCODER, rt.TEXT_ENCODER_FP16 if options.fp16 else None, context_length, embed_dim
+        ),
+    }
     if model.n_ctx > 0:  # the frozen text tower without the learned context: the "handwritten" text path
         graph_entries["text_encoder_handwritten"] = _text_graph_entry(
             rt.TEXT_ENCODER_HANDWRITTEN, None, context_length, embed_dim
         )
-    return {
-        "format_version": rt.FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {
-            "name": ident.name,
-            "pretrained": ident.pretrained,
-            "config_path": ident.config_path,
-            "open_clip_version": open_clip.__version__,
-            "weights_sha256": ident.weights_sha256,
-            "checkpoint_sha256": source.checkpoint_sha256,
-            # the towers' MLP activation, baked into the graphs ("quick_gelu" for OpenAI weights); null for
+    vpt_length = int(getattr(model, "vpt_length", 0))
+    return Manifest(
+        format_version=rt.FORMAT_VERSION,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=ModelIdentity(
+            name=ident.name,
+            pretrained=ident.pretrained,
+            config_path=ident.config_path,
+            open_clip_version=open_clip.__version__,
+            weights_sha256=ident.weights_sha256,
+            checkpoint_sha256=source.checkpoint_sha256,
+            # the towers' MLP activation, baked into the graphs ("quick_gelu" for OpenAI weights); None for
             # a checkpoint written before flatprompt recorded it
-            "activation": ident.activation,
-        },
-        "source": {
-            "kind": source.kind,
-            "checkpoint": source.checkpoint,
-            "checkpoint_sha256": source.checkpoint_sha256,
-            **source.extra,
-        },
-        "onnx": {
-            "opset": options.opset,
-            "exporter": None,
-            "onnx_version": onnx.__version__,
-            "onnxruntime_version": onnxruntime.__version__,
-            "torch_version": torch.__version__,
-        },
-        "logit_scale": float(model.logit_scale),
-        "logit_bias": None if model.logit_bias is None else float(model.logit_bias),
-        "embed_dim": embed_dim,
-        "context_length": context_length,
-        "prompt": {
-            "template": model.template,
-            "n_ctx": int(model.n_ctx),
-            "placeholder": "X",
-            "vpt_length": int(getattr(model, "vpt_length", 0)),
-            "vpt_deep": bool(getattr(model, "vpt_deep", False)) and int(getattr(model, "vpt_length", 0)) > 0,
+            activation=ident.activation,
+        ),
+        source=SourceInfo(
+            kind=source.kind,
+            checkpoint=source.checkpoint,
+            checkpoint_sha256=source.checkpoint_sha256,
+            extra=dict(source.extra),
+        ),
+        onnx=OnnxInfo(
+            opset=options.opset,
+            exporter=exporter,
+            onnx_version=onnx.__version__,
+            onnxruntime_version=onnxruntime.__version__,
+            torch_version=torch.__version__,
+            graphs=graph_info,
+        ),
+        logit_scale=float(model.logit_scale),
+        logit_bias=None if model.logit_bias is None else float(model.logit_bias),
+        embed_dim=embed_dim,
+        context_length=context_length,
+        prompt=PromptInfo(
+            template=model.template,
+            n_ctx=int(model.n_ctx),
+            placeholder="X",
+            vpt_length=vpt_length,
+            vpt_deep=bool(getattr(model, "vpt_deep", False)) and vpt_length > 0,
             # the "handwritten" text path: this template through the frozen tower without the learned context
-            "handwritten_template": handwritten_template(source),
-        },
-        "tokenizer": tokenizer_manifest(context_length, rt.TOKENIZER, rt.PRETOKENIZER),
-        "preprocess": pre.to_manifest(),
-        "classes": {"count": len(source.class_names), "file": rt.CLASSES, "embeddings": rt.CLASS_EMBEDDINGS},
-        "graphs": {
-            "image_encoder": {
-                "fp32": rt.IMAGE_ENCODER,
-                "fp16": rt.IMAGE_ENCODER_FP16 if options.fp16 else None,
-                "input": {
-                    "name": rt.IMAGE_INPUT,
-                    "dtype": "float32",
-                    "shape": ["N", 3, pre.image_size, pre.image_size],
-                },
-                "output": {
-                    "name": rt.OUTPUT,
-                    "dtype": "float32",
-                    "shape": ["N", embed_dim],
-                    "l2_normalised": True,
-                },
-            },
-            "text_encoder": _text_graph_entry(
-                rt.TEXT_ENCODER, rt.TEXT_ENCODER_FP16 if options.fp16 else None, context_length, embed_dim
-            ),
-            **graph_entries,
-        },
-        "parity": {},
-        "files": {},
-    }
-
-
-def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
-    manifest["files"] = {
-        f.name: rt.file_entry(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != rt.MANIFEST
-    }
-    (tmp / rt.MANIFEST).write_text(
-        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            handwritten_template=handwritten_template(source),
+        ),
+        tokenizer=tokenizer_info(context_length, rt.TOKENIZER, rt.PRETOKENIZER),
+        preprocess=pre.to_manifest(),
+        classes=ClassesInfo(count=len(source.class_names), file=rt.CLASSES, embeddings=rt.CLASS_EMBEDDINGS),
+        graphs=graph_entries,
+        parity={},
+        files={},
     )
+
+
+def _write_manifest(tmp: Path, manifest: Manifest) -> Manifest:
+    """``manifest`` with ``files`` listing every file in ``tmp``, written there; returns it."""
+    files = {f.name: rt.file_entry(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != rt.MANIFEST}
+    manifest = replace(manifest, files=files)
+    manifest.write(tmp)
+    return manifest
 
 
 def _cuda_in_ort() -> bool:
@@ -248,75 +258,82 @@ def _measure(
     pre: PreprocessConfig,
     options: ExportOptions,
     tmp: Path,
-) -> dict[str, Any]:
+) -> parity.ParityReport:
     """All parity figures (see :mod:`export.parity`)."""
     model = source.model
     size = pre.image_size
     names = source.class_names
-    result: dict[str, Any] = {
-        "tolerance": options.tol,
-        "fp16_tolerance": options.fp16_tol,
-        "provider": bundle.provider,
-    }
 
     prompts = [model.template.format(n) for n in names[:512]]
-    result["tokenizer"] = parity.tokenizer_parity(
-        model.tokenizer, bundle.tokenize, prompts + parity.HARD_TEXTS
-    )
+    tokenizer = parity.tokenizer_parity(model.tokenizer, bundle.tokenize, prompts + parity.HARD_TEXTS)
 
     images = parity.parity_images(options.parity_images, size, options.seed)
-    result["preprocess"] = parity.preprocess_parity(pre, images)
+    preprocess = parity.preprocess_parity(pre, images)
 
     img_inputs = [parity.random_pixels(b, size, options.seed + b) for b in options.batch_sizes]
     img_inputs.append(bundle.preprocess_batch(images))
-    result["image_fp32"] = parity.graph_parity(
-        model.encode_image, bundle.embed_images, img_inputs, options.batch_sizes
+    image_fp32 = replace(
+        parity.graph_parity(model.encode_image, bundle.embed_images, img_inputs, options.batch_sizes),
+        parity_images=len(images),
     )
-    result["image_fp32"]["parity_images"] = len(images)
 
     pool = names + _EXTRA_TEXTS
     txt_inputs = []
     for k, b in enumerate(options.batch_sizes):
         picked = [pool[(k * 7 + j) % len(pool)] for j in range(b)]
         txt_inputs.append(model.tokenize(picked).numpy())
-    result["text_fp32"] = parity.graph_parity(
+    text_fp32 = parity.graph_parity(
         model.encode_token_ids, bundle.embed_token_ids, txt_inputs, options.batch_sizes
     )
 
     ort_bank = bundle.embed_texts(names)
-    result["class_bank_fp32"] = {"classes": len(names), "max_abs_diff": float(np.abs(ort_bank - bank).max())}
+    class_bank = parity.ClassBankParity(classes=len(names), max_abs_diff=float(np.abs(ort_bank - bank).max()))
 
     hand_tpl = handwritten_template(source)
+    text_handwritten = None
     if model.n_ctx > 0:
         hand_inputs = [
             model.tokenizer([hand_tpl.format(n) for n in (pool * b)[:b]]).numpy() for b in options.batch_sizes
         ]
-        result["text_handwritten_fp32"] = parity.graph_parity(
+        text_handwritten = parity.graph_parity(
             lambda t: model.encode_token_ids(t, learned=False),
             lambda x: bundle.embed_token_ids(x, text_path="handwritten"),
             hand_inputs,
             options.batch_sizes,
         )
-    result["text_paths"] = parity.text_path_parity(model, bundle, pool, hand_tpl)
+    paths = parity.text_path_parity(model, bundle, pool, hand_tpl)
 
     with torch.no_grad():
         torch_img = model.encode_image(torch.from_numpy(img_inputs[-1])).float().numpy()
     ort_img = bundle.embed_images(img_inputs[-1])
-    result["top1"] = parity.top1_agreement(torch_img, ort_img, bank)
-    result["top1_agreement"] = result["top1"]["top1_agreement"]
+    top1 = parity.top1_agreement(torch_img, ort_img, bank)
 
+    image_fp16 = text_fp16 = None
     if options.fp16:
         cuda = _cuda_in_ort()
         with torch.no_grad():
             img_refs = [model.encode_image(torch.from_numpy(x)).float().numpy() for x in img_inputs]
             txt_refs = [model.encode_token_ids(torch.from_numpy(x)).float().numpy() for x in txt_inputs]
-        result["image_fp16"] = parity.fp16_parity(
+        image_fp16 = parity.fp16_parity(
             tmp / rt.IMAGE_ENCODER_FP16, rt.IMAGE_INPUT, img_inputs, img_refs, cuda
         )
-        result["text_fp16"] = parity.fp16_parity(
-            tmp / rt.TEXT_ENCODER_FP16, rt.TEXT_INPUT, txt_inputs, txt_refs, cuda
-        )
-    return result
+        text_fp16 = parity.fp16_parity(tmp / rt.TEXT_ENCODER_FP16, rt.TEXT_INPUT, txt_inputs, txt_refs, cuda)
+    return parity.ParityReport(
+        tolerance=options.tol,
+        fp16_tolerance=options.fp16_tol,
+        provider=bundle.provider,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        image_fp32=image_fp32,
+        text_fp32=text_fp32,
+        class_bank_fp32=class_bank,
+        text_handwritten_fp32=text_handwritten,
+        text_paths=paths,
+        top1=top1,
+        top1_agreement=top1.top1_agreement,
+        image_fp16=image_fp16,
+        text_fp16=text_fp16,
+    )
 
 
 def export_bundle(
@@ -393,45 +410,41 @@ def export_bundle(
         write_pretokenizer_json(tmp / rt.PRETOKENIZER)
         bank = _encode_names_torch(model, source.class_names)
         np.save(tmp / rt.CLASS_EMBEDDINGS, bank)
-        (tmp / rt.CLASSES).write_text(
-            json.dumps(
-                {"names": source.class_names, "counts": source.class_counts}, ensure_ascii=False, indent=1
-            ),
-            encoding="utf-8",
-        )
+        ClassList(names=list(source.class_names), counts=list(source.class_counts)).write(tmp / rt.CLASSES)
         if opts.fp16:
             graphs.convert_fp16(tmp / rt.IMAGE_ENCODER, tmp / rt.IMAGE_ENCODER_FP16)
             graphs.convert_fp16(tmp / rt.TEXT_ENCODER, tmp / rt.TEXT_ENCODER_FP16)
 
-        manifest = _base_manifest(source, opts, pre, context_length, embed_dim)
-        manifest["onnx"]["exporter"] = (
-            kind_img if kind_img == kind_txt else {"image_encoder": kind_img, "text_encoder": kind_txt}
+        exporter = kind_img if kind_img == kind_txt else {"image_encoder": kind_img, "text_encoder": kind_txt}
+        manifest = _write_manifest(
+            tmp, _base_manifest(source, opts, pre, context_length, embed_dim, exporter, info)
         )
-        manifest["onnx"]["graphs"] = info
-        _write_manifest(tmp, manifest)
 
         t1 = time.perf_counter()
         try:
             bundle = rt.Bundle.load(tmp, providers=[rt.CPU], verify=False, precision="fp32")
         except rt.BundleError as e:
             raise ExportError(f"the exported bundle does not load in the runtime: {e}") from e
-        manifest["parity"] = _measure(source, bundle, bank, pre, opts, tmp)
+        report = _measure(source, bundle, bank, pre, opts, tmp)
         timings["parity_s"] = time.perf_counter() - t1
         try:
-            manifest["prompt"].update(
-                text_paths.choose_default(
-                    bundle,
-                    source.extra.get("data_kind"),
-                    int(source.extra.get("data_seed", 0)),
-                    opts.default_text_path,
-                )
+            choice = text_paths.choose_default(
+                bundle,
+                source.extra.get("data_kind"),
+                int(source.extra.get("data_seed", 0)),
+                opts.default_text_path,
             )
         except ValueError as e:
             raise UserError(str(e)) from e
         del bundle
-        parity.check(manifest["parity"], opts.tol, opts.fp16_tol)
-
-        _write_manifest(tmp, manifest)
+        parity.check(report, opts.tol, opts.fp16_tol)
+        prompt = replace(
+            manifest.prompt,
+            default_text_path=choice.default_text_path,
+            default_text_path_source=choice.default_text_path_source,
+            text_path_novel_top1=choice.text_path_novel_top1,
+        )
+        manifest = _write_manifest(tmp, replace(manifest, prompt=prompt, parity=report.to_dict()))
         try:
             rt.Bundle.load(tmp, providers=[rt.CPU], verify=True, precision="fp32")
         except rt.BundleError as e:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return EXIT_EXPORT_FAILED
-    par = result.manifest["parity"]
+    par = result.manifest.parity
     print(f"bundle: {result.path}")
     print(
         "parity: "

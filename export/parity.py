@@ -1,6 +1,7 @@
 """Parity checks run at export time: onnxruntime (through the torch-free runtime) against torch.
 
-Every figure lands in the manifest's ``parity`` section; :func:`check` raises :class:`ParityError` (the
+Every figure is a typed record (:class:`ParityReport` and its parts); ``ParityReport.to_dict()`` is the
+manifest's ``parity`` section (the same keys as ever); :func:`check` raises :class:`ParityError` (the
 export fails, nothing is written) when one is outside its tolerance.
 
 - graphs: max abs diff of the L2-normalised embeddings at batch sizes 1, 2 and 5 (dynamic-axis bugs show
@@ -25,12 +26,15 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from serving.runtime.manifest import OMIT, Record
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +54,94 @@ HARD_TEXTS = [
 
 class ParityError(Exception):
     """onnxruntime's results differ from torch's beyond tolerance: the export is refused."""
+
+
+# --------------------------------------------------------------------------------------------- records
+# The manifest's ``parity`` section (docs/bundle.md) is ``ParityReport.to_dict()``: same keys, same order.
+
+
+@dataclass(frozen=True)
+class MaxDiff(Record):
+    """One figure: the max abs diff of two sets of embeddings."""
+
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class GraphParity(Record):
+    """A graph against torch at each batch size (``parity_images``: the image graph's parity image set)."""
+
+    max_abs_diff: float
+    batch_sizes: list[int]
+    per_batch: dict[str, float]
+    parity_images: int | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True)
+class TokenizerParity(Record):
+    texts: int
+    mismatches: int
+    first_mismatch: str | None
+
+
+@dataclass(frozen=True)
+class PreprocessParity(Record):
+    images: int
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class ClassBankParity(Record):
+    classes: int
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class TextPathsParity(Record):
+    """``Bundle.embed_texts(names, text_path=p)`` against the torch path ``p`` over ``names`` names."""
+
+    names: int
+    learned: MaxDiff
+    handwritten: MaxDiff
+    ensemble: MaxDiff
+
+
+@dataclass(frozen=True)
+class Top1Parity(Record):
+    top1_agreement: float
+    images: int
+    flips_beyond_tie: int
+
+
+@dataclass(frozen=True)
+class Fp16Parity(Record):
+    """``status`` ``measured`` (with provider, level and figure) or ``not measured on CPU`` (with reason)."""
+
+    status: str
+    provider: str | None = field(default=None, metadata=OMIT)
+    graph_optimization: str | None = field(default=None, metadata=OMIT)
+    max_abs_diff: float | None = field(default=None, metadata=OMIT)
+    reason: str | None = field(default=None, metadata=OMIT)
+
+
+@dataclass(frozen=True)
+class ParityReport(Record):
+    """Every parity figure of one export (the manifest's ``parity`` section)."""
+
+    tolerance: float
+    fp16_tolerance: float
+    provider: str
+    tokenizer: TokenizerParity
+    preprocess: PreprocessParity
+    image_fp32: GraphParity
+    text_fp32: GraphParity
+    class_bank_fp32: ClassBankParity
+    text_handwritten_fp32: GraphParity | None = field(default=None, metadata=OMIT)  # tuned bundles only
+    text_paths: TextPathsParity | None = None
+    top1: Top1Parity | None = None
+    top1_agreement: float = 0.0
+    image_fp16: Fp16Parity | None = field(default=None, metadata=OMIT)  # --fp16 only
+    text_fp16: Fp16Parity | None = field(default=None, metadata=OMIT)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -119,7 +211,7 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def graph_parity(
     torch_fn: Any, ort_fn: Any, inputs: Sequence[np.ndarray], batch_sizes: Sequence[int]
-) -> dict[str, Any]:
+) -> GraphParity:
     """Max abs diff between ``torch_fn`` and ``ort_fn`` (both ndarray -> [N, E]) over the given inputs."""
     per_batch: dict[str, float] = {}
     worst = 0.0
@@ -128,24 +220,22 @@ def graph_parity(
         key = str(x.shape[0])
         per_batch[key] = max(per_batch.get(key, 0.0), d)
         worst = max(worst, d)
-    return {
-        "max_abs_diff": worst,
-        "batch_sizes": sorted({int(b) for b in batch_sizes}),
-        "per_batch": per_batch,
-    }
+    return GraphParity(
+        max_abs_diff=worst, batch_sizes=sorted({int(b) for b in batch_sizes}), per_batch=per_batch
+    )
 
 
-def tokenizer_parity(torch_tokenize: Any, runtime_tokenize: Any, texts: Sequence[str]) -> dict[str, Any]:
+def tokenizer_parity(torch_tokenize: Any, runtime_tokenize: Any, texts: Sequence[str]) -> TokenizerParity:
     """Exact comparison of token ids (open_clip's tokenizer vs the runtime's)."""
     ref = np.asarray(torch_tokenize(list(texts)))
     got = np.asarray(runtime_tokenize(list(texts)))
     bad = [
         t for t, r, g in zip(texts, ref, got, strict=True) if r.shape != g.shape or not np.array_equal(r, g)
     ]
-    return {"texts": len(texts), "mismatches": len(bad), "first_mismatch": bad[0][:80] if bad else None}
+    return TokenizerParity(texts=len(texts), mismatches=len(bad), first_mismatch=bad[0][:80] if bad else None)
 
 
-def preprocess_parity(runtime_cfg: Any, images: Sequence[Image.Image]) -> dict[str, Any]:
+def preprocess_parity(runtime_cfg: Any, images: Sequence[Image.Image]) -> PreprocessParity:
     """Runtime preprocessing vs open_clip's ``image_transform`` on ``convert("RGB")``-ed images."""
     from open_clip.transform import image_transform
 
@@ -164,15 +254,15 @@ def preprocess_parity(runtime_cfg: Any, images: Sequence[Image.Image]) -> dict[s
     for img in images:
         ref = ref_tf(img.convert("RGB")).numpy()
         worst = max(worst, _max_diff(ref, preprocess(img, runtime_cfg)))
-    return {"images": len(images), "max_abs_diff": worst}
+    return PreprocessParity(images=len(images), max_abs_diff=worst)
 
 
 def top1_agreement(
     torch_emb: np.ndarray, ort_emb: np.ndarray, bank: np.ndarray, margin: float = TOP1_TIE_MARGIN
-) -> dict[str, Any]:
+) -> Top1Parity:
     """Share of images whose top-1 class is the same under torch and onnxruntime; flips beyond a tie count."""
     if bank.shape[0] == 0 or torch_emb.shape[0] == 0:
-        return {"top1_agreement": 1.0, "images": int(torch_emb.shape[0]), "flips_beyond_tie": 0}
+        return Top1Parity(top1_agreement=1.0, images=int(torch_emb.shape[0]), flips_beyond_tie=0)
     t_scores = torch_emb @ bank.T
     o_scores = ort_emb @ bank.T
     t_top = t_scores.argmax(1)
@@ -181,7 +271,7 @@ def top1_agreement(
     rows = np.arange(len(t_top))
     gaps = t_scores[rows, t_top] - t_scores[rows, o_top]
     flips = int(((t_top != o_top) & (gaps > margin)).sum())
-    return {"top1_agreement": agree, "images": len(t_top), "flips_beyond_tie": flips}
+    return Top1Parity(top1_agreement=agree, images=len(t_top), flips_beyond_tie=flips)
 
 
 # --------------------------------------------------------------------------------------------- fp16
@@ -205,21 +295,21 @@ np.savez(args["outputs"], **out)
 
 def fp16_parity(
     model_path: Path, input_name: str, inputs: Sequence[np.ndarray], refs: Sequence[np.ndarray], cuda: bool
-) -> dict[str, Any]:
+) -> Fp16Parity:
     """Max abs diff of an fp16 graph against the torch fp32 outputs ``refs``.
 
     Runs in a child process (an fp16 graph can crash onnxruntime at session creation): on CUDA at
     ``ORT_ENABLE_ALL`` when ``cuda``, else (or if that fails) on the CPU provider at ``ORT_ENABLE_EXTENDED``.
-    Returns ``{"status": "measured", "provider", "graph_optimization", "max_abs_diff"}``, or
-    ``{"status": "not measured on CPU", "reason"}`` when no attempt produced outputs.
+    Returns status ``measured`` with ``provider``, ``graph_optimization`` and ``max_abs_diff``, or
+    ``not measured on CPU`` with the ``reason`` when no attempt produced outputs.
     """
     attempts = [("CUDAExecutionProvider", "ORT_ENABLE_ALL")] if cuda else []
     attempts.append(("CPUExecutionProvider", "ORT_ENABLE_EXTENDED"))
     reasons: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fp16-parity-") as tmp:
         in_path, out_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
-        arrays: dict[str, Any] = {f"x{i}": x for i, x in enumerate(inputs)}
-        np.savez(in_path, **arrays)
+        arrays: dict[str, np.ndarray] = {f"x{i}": x for i, x in enumerate(inputs)}
+        np.savez(in_path, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
         for provider, level in attempts:
             out_path.unlink(missing_ok=True)
             args = {
@@ -246,19 +336,19 @@ def fp16_parity(
                 continue
             out = np.load(out_path)
             worst = max(_max_diff(r, out[f"x{i}"]) for i, r in enumerate(refs))
-            return {
-                "status": "measured",
-                "provider": provider,
-                "graph_optimization": level.removeprefix("ORT_ENABLE_").lower(),
-                "max_abs_diff": worst,
-            }
+            return Fp16Parity(
+                status="measured",
+                provider=provider,
+                graph_optimization=level.removeprefix("ORT_ENABLE_").lower(),
+                max_abs_diff=worst,
+            )
     _logger.warning("fp16 parity of %s not measured: %s", model_path.name, "; ".join(reasons))
-    return {"status": "not measured on CPU", "reason": "; ".join(reasons)}
+    return Fp16Parity(status="not measured on CPU", reason="; ".join(reasons))
 
 
 def text_path_parity(
     model: Any, bundle: Any, names: Sequence[str], handwritten_template: str
-) -> dict[str, Any]:
+) -> TextPathsParity:
     """Max abs diff of ``bundle.embed_texts(names, text_path=p)`` against the torch path ``p`` for each of
     learned / handwritten / ensemble (``model`` a ``PromptedCLIP``)."""
     with torch.no_grad():
@@ -266,47 +356,62 @@ def text_path_parity(
         hand = model.encode_template(list(names), handwritten_template).float()
         ensemble = torch.nn.functional.normalize(learned + hand, dim=-1)
     refs = {"learned": learned.numpy(), "handwritten": hand.numpy(), "ensemble": ensemble.numpy()}
-    out: dict[str, Any] = {"names": len(names)}
-    for path, ref in refs.items():
-        out[path] = {"max_abs_diff": _max_diff(ref, bundle.embed_texts(list(names), text_path=path))}
-    return out
+    diffs = {
+        p: MaxDiff(_max_diff(ref, bundle.embed_texts(list(names), text_path=p))) for p, ref in refs.items()
+    }
+    return TextPathsParity(names=len(names), **diffs)
 
 
 # --------------------------------------------------------------------------------------------- verdict
 
 
-def check(parity: dict[str, Any], tol: float = FP32_TOL, fp16_tol: float = FP16_TOL) -> None:
+def check(parity: ParityReport, tol: float = FP32_TOL, fp16_tol: float = FP16_TOL) -> None:
     """Raise :class:`ParityError` listing every figure outside tolerance."""
     problems: list[str] = []
-    for key in ("image_fp32", "text_fp32", "class_bank_fp32"):
-        d = parity.get(key, {}).get("max_abs_diff")
+    required: dict[str, GraphParity | ClassBankParity] = {
+        "image_fp32": parity.image_fp32,
+        "text_fp32": parity.text_fp32,
+        "class_bank_fp32": parity.class_bank_fp32,
+    }
+    for key, figure in required.items():
+        d = figure.max_abs_diff
         if d is None or not np.isfinite(d) or d > tol:
             problems.append(f"{key} max abs diff {d} > {tol}")
-    optional = {"text_handwritten_fp32": parity.get("text_handwritten_fp32")}
-    for path, entry in (parity.get("text_paths") or {}).items():
-        if isinstance(entry, dict):
-            optional[f"text_paths.{path}"] = entry
-    for key, entry in optional.items():
-        d = entry.get("max_abs_diff") if entry else 0.0
-        if d is None or not np.isfinite(d) or d > tol:
-            problems.append(f"{key} max abs diff {d} > {tol}")
-    tok = parity.get("tokenizer", {})
-    if tok.get("mismatches", 1):
-        problems.append(
-            f"tokenizer ids differ from open_clip's for {tok.get('mismatches')} texts "
-            f"(first: {tok.get('first_mismatch')!r})"
+    optional: dict[str, GraphParity | MaxDiff | None] = {
+        "text_handwritten_fp32": parity.text_handwritten_fp32
+    }
+    if parity.text_paths is not None:
+        paths = parity.text_paths
+        optional.update(
+            {
+                "text_paths.learned": paths.learned,
+                "text_paths.handwritten": paths.handwritten,
+                "text_paths.ensemble": paths.ensemble,
+            }
         )
-    pre = parity.get("preprocess", {}).get("max_abs_diff")
+    for key, entry in optional.items():
+        d = entry.max_abs_diff if entry else 0.0
+        if d is None or not np.isfinite(d) or d > tol:
+            problems.append(f"{key} max abs diff {d} > {tol}")
+    tok = parity.tokenizer
+    if tok.mismatches:
+        problems.append(
+            f"tokenizer ids differ from open_clip's for {tok.mismatches} texts (first: {tok.first_mismatch!r})"
+        )
+    pre = parity.preprocess.max_abs_diff
     if pre is None or pre > 1e-6:
         problems.append(f"preprocessing max abs diff {pre} > 1e-6 against open_clip's transform")
-    top1 = parity.get("top1", {})
-    if top1.get("flips_beyond_tie", 1):
+    top1 = parity.top1
+    if top1 is None or top1.flips_beyond_tie:
         problems.append(
-            f"top-1 class differs on {top1.get('flips_beyond_tie')} images (agreement {top1.get('top1_agreement')})"
+            f"top-1 class differs on {top1 and top1.flips_beyond_tie} images (agreement {top1 and top1.top1_agreement})"
         )
-    for key in ("image_fp16", "text_fp16"):
-        entry = parity.get(key)
-        if entry and entry.get("status") == "measured" and not entry["max_abs_diff"] <= fp16_tol:
-            problems.append(f"{key} max abs diff {entry['max_abs_diff']} > {fp16_tol}")
+    for key, fp16 in (("image_fp16", parity.image_fp16), ("text_fp16", parity.text_fp16)):
+        if (
+            fp16
+            and fp16.status == "measured"
+            and not (fp16.max_abs_diff is not None and fp16.max_abs_diff <= fp16_tol)
+        ):
+            problems.append(f"{key} max abs diff {fp16.max_abs_diff} > {fp16_tol}")
     if problems:
         raise ParityError("onnxruntime does not match torch: " + "; ".join(problems))

@@ -12,6 +12,7 @@ for any other run it records ``learned`` (``--default-text-path`` overrides both
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,15 @@ import numpy as np
 _logger = logging.getLogger(__name__)
 
 AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class TextPathChoice:
+    """The manifest's ``prompt`` entries on the default text path (``PromptInfo`` fields of the same names)."""
+
+    default_text_path: str
+    default_text_path_source: str
+    text_path_novel_top1: dict[str, float] | None = None  # only when measured
 
 
 def toy_novel_top1(bundle: Any, seed: int = 0, per_class: int = 25) -> dict[str, float]:
@@ -40,21 +50,19 @@ def toy_novel_top1(bundle: Any, seed: int = 0, per_class: int = 25) -> dict[str,
 
 def choose_default(
     bundle: Any, data_kind: str | None, data_seed: int, requested: str = AUTO
-) -> dict[str, Any]:
+) -> TextPathChoice:
     """The manifest's ``prompt`` entries: ``default_text_path`` and how it was chosen."""
     if requested != AUTO:
         if requested not in bundle.text_paths:
             raise ValueError(
                 f"--default-text-path {requested} is not available in this bundle ({bundle.text_paths})"
             )
-        return {"default_text_path": requested, "default_text_path_source": "requested"}
+        return TextPathChoice(requested, "requested")
     if data_kind != "toy" or len(bundle.text_paths) == 1 or int(bundle.n_ctx) == 0:
-        return {"default_text_path": "learned", "default_text_path_source": "default"}
+        return TextPathChoice("learned", "default")
     scores = toy_novel_top1(bundle, seed=data_seed)
     best = max(scores, key=lambda p: (scores[p], p == "learned"))
     _logger.info("text paths on the toy world's novel classes: %s -> default %s", scores, best)
-    return {
-        "default_text_path": best,
-        "default_text_path_source": "measured: toy world novel test set, top-1 among the novel classes",
-        "text_path_novel_top1": scores,
-    }
+    return TextPathChoice(
+        best, "measured: toy world novel test set, top-1 among the novel classes", text_path_novel_top1=scores
+    )

@@ -35,8 +35,9 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
+from serving.runtime.manifest import JSONObject, TokenizerInfo
 from trainer.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -153,6 +154,21 @@ PRETOKENIZER_FORMAT = "flatprompt-clip-pretokenizer/1"
 LITERALS = ["<start_of_text>", "<end_of_text>", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d"]
 
 
+class PretokenizerTable(TypedDict):
+    """``pretokenizer.json`` (:func:`build_pretokenizer_table`)."""
+
+    format: str
+    pattern: str
+    flags: str
+    source: str
+    literals: list[str]
+    letter: list[list[int]]
+    number: list[list[int]]
+    space: list[list[int]]
+    ignored: list[list[int]]
+    literal_equivalents: dict[str, list[int]]
+
+
 def _all_code_points() -> list[tuple[int, str]]:
     """(offset, text) chunks holding every code point except the surrogates, in order."""
     return [
@@ -186,7 +202,7 @@ def _complement(ranges: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def build_pretokenizer_table() -> dict[str, Any]:
+def build_pretokenizer_table() -> PretokenizerTable:
     """Character classes of open_clip's split pattern, as the ``regex`` module (IGNORECASE) sees them.
 
     Classes: ``letter`` ([\\p{L}]), ``number`` ([\\p{N}]), ``space`` (\\s: matched by nothing, skipped),
@@ -229,30 +245,35 @@ def write_pretokenizer_json(path: str | Path) -> Path:
     return out
 
 
-def tokenizer_manifest(
+def tokenizer_info(
     context_length: int, file_name: str = "tokenizer.json", pretokenizer_file: str | None = None
-) -> dict[str, Any]:
+) -> TokenizerInfo:
     """The ``tokenizer`` section of a bundle manifest.
 
     ``pretokenizer_file`` names the ``pretokenizer.json`` shipped next to ``tokenizer.json`` (the exporter
     always writes one); without it the runtime splits with the JSON's own regex (open_clip's ids except
     for the corner cases listed in the module docstring).
     """
-    section: dict[str, Any] = {"file": file_name}
-    if pretokenizer_file:
-        section["pretokenizer_file"] = pretokenizer_file
-    return {
-        **section,
-        "kind": "open_clip.SimpleTokenizer",
-        "sot_id": SOT_ID,
-        "eot_id": EOT_ID,
-        "pad_id": PAD_ID,
-        "vocab_size": VOCAB_SIZE,
-        "context_length": int(context_length),
-        "lowercase": True,
-        "clean": CLEAN_DESCRIPTION,
-        "truncate": "cut to context_length, last kept id := eot_id",
-    }
+    return TokenizerInfo(
+        file=file_name,
+        pretokenizer_file=pretokenizer_file or None,
+        kind="open_clip.SimpleTokenizer",
+        sot_id=SOT_ID,
+        eot_id=EOT_ID,
+        pad_id=PAD_ID,
+        vocab_size=VOCAB_SIZE,
+        context_length=int(context_length),
+        lowercase=True,
+        clean=CLEAN_DESCRIPTION,
+        truncate="cut to context_length, last kept id := eot_id",
+    )
+
+
+def tokenizer_manifest(
+    context_length: int, file_name: str = "tokenizer.json", pretokenizer_file: str | None = None
+) -> JSONObject:
+    """:func:`tokenizer_info` as the JSON object written to ``manifest.json``."""
+    return tokenizer_info(context_length, file_name, pretokenizer_file).to_dict()
 
 
 def write_tokenizer_json(path: str | Path, bpe_path: str | Path | None = None) -> Path:

@@ -32,12 +32,11 @@ def import_bundle(bundle_dir: str | Path, name: str = DEFAULT_NAME) -> str:
     manifest = read_manifest(source)
     verify_files(source, manifest, checksums=True)
     bundle_hash = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
-    model_info = manifest.get("model") or {}
-    labels = {"bundle_hash": bundle_hash[:16], "format_version": str(manifest.get("format_version"))}
-    metadata = {"bundle_hash": bundle_hash, "model_name": str(model_info.get("name") or "unknown")}
+    labels = {"bundle_hash": bundle_hash[:16], "format_version": str(manifest.format_version)}
+    metadata = {"bundle_hash": bundle_hash, "model_name": manifest.model.name or "unknown"}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         target = Path(model.path)
-        for rel in ["manifest.json", *manifest["files"]]:
+        for rel in ["manifest.json", *manifest.files]:
             shutil.copy2(source / rel, target / rel)
     _logger.info("imported %s as %s", source, model.tag)
     return str(model.tag)

@@ -170,7 +170,7 @@ class FlatPrompt:
         self.precision: str = str(getattr(self.bundle, "precision", "fp32"))
         # how /register embeds a name unless asked otherwise: the path the exporter measured best on the toy
         # world's novel classes (manifest prompt.default_text_path), when this bundle offers it
-        measured = str(self.bundle.manifest.get("prompt", {}).get("default_text_path") or "learned")
+        measured = self.bundle.manifest.default_text_path
         self.default_text_path = measured if measured in self.bundle.text_paths else "learned"
         self.provider_ok = self.config.require_provider in (None, self.provider)
         self.provider_reason = ""  # why the active provider is not the required one (/readyz, the log)
@@ -180,7 +180,7 @@ class FlatPrompt:
             )
             _logger.error("%s: the service stays unready", reason)
             self.provider_reason = reason
-        model_name = str(self.bundle.manifest.get("model", {}).get("name", "unknown"))
+        model_name = self.bundle.manifest.model.name or "unknown"
         self.metrics.model_info.labels(
             bundle_hash=self.bundle_hash[:16],
             model=model_name,

@@ -92,8 +92,12 @@ def _load(path: Path, **kw):
 
 def test_manifest_lists_every_file_with_its_checksum(tuned_bundle):
     from serving.runtime.bundle import sha256_file
+    from serving.runtime.manifest import Manifest
 
     manifest = json.loads((tuned_bundle / "manifest.json").read_text())
+    # the typed record gives back exactly what the exporter wrote (same keys, values, order and bytes)
+    assert Manifest.read(tuned_bundle).to_dict() == manifest
+    assert Manifest.read(tuned_bundle).to_json() == (tuned_bundle / "manifest.json").read_text()
     on_disk = {p.name for p in tuned_bundle.iterdir()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert {
@@ -126,6 +130,23 @@ def test_manifest_lists_every_file_with_its_checksum(tuned_bundle):
     assert manifest["preprocess"]["exif_transpose"] is False
     assert manifest["onnx"]["exporter"] == "dynamo"
     par = manifest["parity"]
+    assert list(par) == [  # export.parity.ParityReport writes the keys the dict literal wrote, in its order
+        "tolerance",
+        "fp16_tolerance",
+        "provider",
+        "tokenizer",
+        "preprocess",
+        "image_fp32",
+        "text_fp32",
+        "class_bank_fp32",
+        "text_handwritten_fp32",
+        "text_paths",
+        "top1",
+        "top1_agreement",
+    ]
+    assert list(par["image_fp32"]) == ["max_abs_diff", "batch_sizes", "per_batch", "parity_images"]
+    assert list(par["text_paths"]) == ["names", "learned", "handwritten", "ensemble"]
+    assert list(json.loads((tuned_bundle / "classes.json").read_text())) == ["names", "counts"]
     assert par["image_fp32"]["batch_sizes"] == [1, 2, 5] and par["text_fp32"]["batch_sizes"] == [1, 2, 5]
     assert par["image_fp32"]["max_abs_diff"] <= 1e-4 and par["text_fp32"]["max_abs_diff"] <= 1e-4
     assert par["top1_agreement"] == 1.0 and par["tokenizer"]["mismatches"] == 0
@@ -191,7 +212,7 @@ def test_each_text_path_embeds_as_the_matching_torch_path(tuned, tuned_bundle):
             bundle.embed_texts(names, text_path=path), ref.numpy(), atol=ATOL, err_msg=path
         )
     assert (learned - hand).abs().max() > 0.05  # two different paths, not one graph twice
-    manifest = bundle.manifest
+    manifest = bundle.manifest.to_dict()
     assert set(manifest["parity"]["text_paths"]) == {"names", *TEXT_PATHS}
     assert all(manifest["parity"]["text_paths"][p]["max_abs_diff"] <= 1e-4 for p in TEXT_PATHS)
     assert manifest["parity"]["text_handwritten_fp32"]["batch_sizes"] == [1, 2, 5]
@@ -222,7 +243,7 @@ def test_old_bundle_without_the_handwritten_graph_still_loads(tuned_bundle, tmp_
 
 def test_zero_shot_bundle_handwritten_path_is_its_own_graph(zero_shot_bundle):
     bundle = _load(zero_shot_bundle)
-    assert "text_encoder_handwritten.onnx" not in bundle.manifest["files"]  # no second copy of the same graph
+    assert "text_encoder_handwritten.onnx" not in bundle.manifest.files  # no second copy of the same graph
     assert bundle.handwritten_template == "a drawing of a {}."
     names = ["cat", "okapi"]
     for path in ("handwritten", "ensemble"):
@@ -472,7 +493,8 @@ def test_fp16_parity_reports_not_measured_when_onnxruntime_cannot_run_it(tmp_pat
     bogus.write_bytes(b"not an onnx graph")
     x = np.zeros((1, 3, 4, 4), np.float32)
     entry = fp16_parity(bogus, "pixels", [x], [np.zeros((1, 2), np.float32)], cuda=False)
-    assert entry["status"] == "not measured on CPU" and "CPUExecutionProvider" in entry["reason"]
+    assert entry.status == "not measured on CPU" and entry.reason and "CPUExecutionProvider" in entry.reason
+    assert list(entry.to_dict()) == ["status", "reason"]
 
 
 def test_default_text_path_is_recorded(tuned, tuned_bundle, tmp_path):
@@ -503,8 +525,8 @@ def test_toy_run_measures_its_default_text_path() -> None:
     tp.toy_novel_top1 = lambda bundle, seed=0, per_class=25: scores  # type: ignore[assignment]
     try:
         chosen = choose_default(FakeBundle(), "toy", 0)
-        assert chosen["default_text_path"] == "handwritten" and chosen["text_path_novel_top1"] == scores
-        assert choose_default(FakeBundle(), "cifar100_lt", 0)["default_text_path"] == "learned"
+        assert chosen.default_text_path == "handwritten" and chosen.text_path_novel_top1 == scores
+        assert choose_default(FakeBundle(), "cifar100_lt", 0).default_text_path == "learned"
         with pytest.raises(ValueError):
             choose_default(type("Old", (), {"text_paths": ("learned",), "n_ctx": 4})(), "toy", 0, "ensemble")
     finally:

@@ -1,4 +1,4 @@
-"""Torch-free runtime for model bundles: tokenizer, image preprocessing, onnxruntime sessions.
+"""Torch-free runtime for model bundles: the manifest record, tokenizer, image preprocessing, onnxruntime sessions.
 
 Imports only the standard library, numpy, Pillow, onnxruntime, tokenizers and ftfy. Submodules are
 imported lazily so that ``serving.runtime.preprocess`` alone does not pull in onnxruntime.
@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serving.runtime.bundle import Bundle, BundleError
+    from serving.runtime.manifest import Manifest
     from serving.runtime.preprocess import PreprocessConfig
     from serving.runtime.tokenizer import ClipTokenizer
 
-__all__ = ["Bundle", "BundleError", "ClipTokenizer", "PreprocessConfig"]
+__all__ = ["Bundle", "BundleError", "ClipTokenizer", "Manifest", "PreprocessConfig"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from serving.runtime import bundle
 
         return getattr(bundle, name)
+    if name == "Manifest":
+        from serving.runtime.manifest import Manifest
+
+        return Manifest
     if name == "PreprocessConfig":
         from serving.runtime.preprocess import PreprocessConfig
 

@@ -23,13 +23,15 @@ import numpy as np
 from PIL import Image
 
 from serving.runtime.gpu import PreloadReport, cuda_versions, preload_gpu_libraries
+from serving.runtime.manifest import _FIX, FileEntry, Manifest
+from serving.runtime.manifest import FORMAT_VERSION as FORMAT_VERSION  # re-exported: the bundle's constants
+from serving.runtime.manifest import MANIFEST as MANIFEST
+from serving.runtime.manifest import BundleError as BundleError  # raised by Manifest.read as well
 from serving.runtime.preprocess import PreprocessConfig, prepare_image, preprocess, preprocess_batch
 from serving.runtime.tokenizer import ClipTokenizer
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 IMAGE_ENCODER = "image_encoder.onnx"
 TEXT_ENCODER = "text_encoder.onnx"
 IMAGE_ENCODER_FP16 = "image_encoder.fp16.onnx"
@@ -51,11 +53,6 @@ PRECISIONS = ("auto", "fp32", "fp16")
 # normalised mean of both
 TEXT_PATHS = ("learned", "handwritten", "ensemble")
 _GRAPH_OPT = ("disable", "basic", "extended", "all")
-_FIX = "re-export the bundle with `python -m export` (or copy it again)"
-
-
-class BundleError(Exception):
-    """The bundle cannot be used; the message names the file and the fix."""
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -67,47 +64,20 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
+def file_entry(path: str | os.PathLike[str]) -> FileEntry:
     """A manifest ``files`` entry: ``{"sha256": ..., "bytes": ...}``."""
-    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    return FileEntry.of(path)
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Parse and sanity-check ``manifest.json`` of the bundle directory ``path`` (no file checks)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise BundleError(
-            f"bundle {root} is not a directory: pass the directory written by `python -m export`"
-        )
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(f"{mpath} is missing: {root} is not a bundle; {_FIX}")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}): the bundle is corrupt; {_FIX}") from e
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{mpath} is not a JSON object: the bundle is corrupt; {_FIX}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise BundleError(f"{mpath} has no valid format_version ({version!r}): {_FIX}")
-    if version > FORMAT_VERSION:
-        raise BundleError(
-            f"{mpath} has format_version {version}, newer than this runtime supports ({FORMAT_VERSION}): "
-            "upgrade flatprompt's serving runtime, or export the bundle with the matching older exporter"
-        )
-    for key in ("files", "embed_dim", "context_length", "logit_scale", "prompt", "tokenizer", "preprocess"):
-        if key not in manifest:
-            raise BundleError(f"{mpath} lacks the '{key}' entry: the bundle is incomplete; {_FIX}")
-    if not isinstance(manifest["files"], dict):
-        raise BundleError(f"{mpath}: 'files' must map file names to sha256/bytes; {_FIX}")
-    return manifest
+    return Manifest.read(path)
 
 
-def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any], checksums: bool = True) -> None:
+def verify_files(path: str | os.PathLike[str], manifest: Manifest, checksums: bool = True) -> None:
     """Every file the manifest lists exists with its size (and sha256 when ``checksums``); required ones listed."""
     root = Path(path)
-    files: dict[str, Any] = manifest["files"]
+    files = manifest.files
     for name in REQUIRED_FILES:
         if name not in files:
             raise BundleError(f"{root / MANIFEST} does not list the required file {name}: {_FIX}")
@@ -117,20 +87,18 @@ def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any], checksu
         fpath = root / name
         if not fpath.is_file():
             raise BundleError(f"bundle file {fpath} is missing: {_FIX}")
-        if not isinstance(entry, dict) or "sha256" not in entry or "bytes" not in entry:
-            raise BundleError(f"{root / MANIFEST}: the entry of {name} needs 'sha256' and 'bytes'; {_FIX}")
         size = fpath.stat().st_size
-        if size != int(entry["bytes"]):
+        if size != entry.bytes:
             raise BundleError(
-                f"bundle file {fpath} has {size} bytes, the manifest says {entry['bytes']}: "
+                f"bundle file {fpath} has {size} bytes, the manifest says {entry.bytes}: "
                 f"the file is truncated or was modified; {_FIX}"
             )
         if checksums:
             digest = sha256_file(fpath)
-            if digest != entry["sha256"]:
+            if digest != entry.sha256:
                 raise BundleError(
                     f"bundle file {fpath} has sha256 {digest[:16]}..., the manifest says "
-                    f"{str(entry['sha256'])[:16]}...: the file is corrupt or was modified; {_FIX}"
+                    f"{entry.sha256[:16]}...: the file is corrupt or was modified; {_FIX}"
                 )
 
 
@@ -204,7 +172,8 @@ class Bundle:
 
     Create with :meth:`load`. Attributes:
 
-    - ``path``, ``manifest``: the directory and its parsed ``manifest.json``;
+    - ``path``, ``manifest``: the directory and its ``manifest.json``
+      (:class:`~serving.runtime.manifest.Manifest`);
     - ``class_names``, ``class_counts``, ``class_embeddings`` (float32 ``[C, E]``, L2-normalised);
     - ``logit_scale`` (already exp'd), ``logit_bias`` (None unless SigLIP-style), ``embed_dim``,
       ``image_size``, ``context_length``, ``template``, ``n_ctx``, ``placeholder``;
@@ -222,7 +191,7 @@ class Bundle:
     def __init__(
         self,
         path: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         image_session: Any,
         text_session: Any,
         tokenizer: ClipTokenizer,
@@ -248,24 +217,23 @@ class Bundle:
             "text_encoder": str(text_session.get_providers()[0]),
         }
         self.provider = self.session_providers["image_encoder"]
-        self.embed_dim = int(manifest["embed_dim"])
-        self.context_length = int(manifest["context_length"])
-        self.logit_scale = float(manifest["logit_scale"])
-        bias = manifest.get("logit_bias")
-        self.logit_bias = None if bias is None else float(bias)
-        prompt = manifest["prompt"]
-        self.template = str(prompt["template"])
-        self.n_ctx = int(prompt.get("n_ctx", 0))
-        self.placeholder = str(prompt.get("placeholder", "X"))
+        self.embed_dim = manifest.embed_dim
+        self.context_length = manifest.context_length
+        self.logit_scale = manifest.logit_scale
+        self.logit_bias = manifest.logit_bias
+        prompt = manifest.prompt
+        self.template = prompt.template
+        self.n_ctx = prompt.n_ctx
+        self.placeholder = prompt.placeholder
         # a zero-shot bundle's own template is hand-written, and its text graph has no learned context
-        hand = prompt.get("handwritten_template") or (self.template if self.n_ctx == 0 else None)
-        self.handwritten_template: str | None = None if hand is None else str(hand)
+        hand = prompt.handwritten_template or (self.template if self.n_ctx == 0 else None)
+        self.handwritten_template: str | None = hand
         self._handwritten = handwritten_session if self.n_ctx > 0 else text_session
         if handwritten_session is not None:
             self.session_providers["text_encoder_handwritten"] = str(handwritten_session.get_providers()[0])
         hand_ok = self._handwritten is not None and self.handwritten_template is not None
         self.text_paths: tuple[str, ...] = TEXT_PATHS if hand_ok else ("learned",)
-        self.preprocess_config = PreprocessConfig.from_manifest(manifest["preprocess"])
+        self.preprocess_config = PreprocessConfig.from_manifest(manifest.preprocess)
         self.image_size = self.preprocess_config.image_size
         # set by load(): what the CUDA library preload found, and the CUDA / cuDNN versions in use
         self.gpu = PreloadReport("not_requested")
@@ -307,30 +275,30 @@ class Bundle:
         root = Path(path)
         manifest = read_manifest(root)
         verify_files(root, manifest, checksums=verify)
-        files = manifest["files"]
+        files = manifest.files
 
         class_names, class_counts = _read_classes(root / CLASSES)
         emb = _read_embeddings(root / CLASS_EMBEDDINGS)
-        embed_dim = int(manifest["embed_dim"])
+        embed_dim = manifest.embed_dim
         if emb.shape != (len(class_names), embed_dim):
             raise BundleError(
                 f"{root / CLASS_EMBEDDINGS} has shape {emb.shape}, expected ({len(class_names)}, {embed_dim}) "
                 f"from {CLASSES} and the manifest's embed_dim; {_FIX}"
             )
-        tok_section = manifest["tokenizer"]
-        pre_name = tok_section.get("pretokenizer_file")
+        tok_section = manifest.tokenizer
+        pre_name = tok_section.pretokenizer_file
         if pre_name and pre_name not in files:
             raise BundleError(
                 f"{root / MANIFEST} names pretokenizer_file {pre_name} but does not list it; {_FIX}"
             )
         try:
             tokenizer = ClipTokenizer(
-                root / str(tok_section.get("file", TOKENIZER)),
+                root / tok_section.file,
                 root / pre_name if pre_name else None,
-                context_length=int(manifest["context_length"]),
-                sot_id=int(tok_section.get("sot_id", 49406)),
-                eot_id=int(tok_section.get("eot_id", 49407)),
-                pad_id=int(tok_section.get("pad_id", 0)),
+                context_length=manifest.context_length,
+                sot_id=tok_section.sot_id,
+                eot_id=tok_section.eot_id,
+                pad_id=tok_section.pad_id,
             )
         except (OSError, ValueError, KeyError, Exception) as e:  # tokenizers raises plain Exception
             raise BundleError(f"the tokenizer files of {root} cannot be loaded ({e}); {_FIX}") from e

@@ -30,11 +30,12 @@ Decisions (recorded in the bundle manifest's ``preprocess`` section and in ``doc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from serving.runtime.manifest import PreprocessInfo
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -69,27 +70,32 @@ class PreprocessConfig:
             raise ValueError(f"mean/std must have 3 values and std no zero: {self.mean}, {self.std}")
 
     @classmethod
-    def from_manifest(cls, section: dict[str, Any]) -> PreprocessConfig:
-        """Read the manifest's ``preprocess`` section (unknown keys such as ``crop`` are descriptive)."""
+    def from_manifest(cls, section: PreprocessInfo) -> PreprocessConfig:
+        """Read the manifest's ``preprocess`` section (``crop``, ``convert``, ``antialias`` are descriptive)."""
         return cls(
-            image_size=int(section["image_size"]),
-            mean=tuple(float(v) for v in section.get("mean", OPENAI_MEAN)),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in section.get("std", OPENAI_STD)),  # type: ignore[arg-type]
-            interpolation=str(section.get("interpolation", "bicubic")),
-            resize_mode=str(section.get("resize_mode", "shortest")),
-            fill_color=int(section.get("fill_color", 0)),
-            exif_transpose=bool(section.get("exif_transpose", False)),
+            image_size=section.image_size,
+            mean=section.mean,
+            std=section.std,
+            interpolation=section.interpolation,
+            resize_mode=section.resize_mode,
+            fill_color=section.fill_color or 0,
+            exif_transpose=section.exif_transpose,
         )
 
-    def to_manifest(self) -> dict[str, Any]:
+    def to_manifest(self) -> PreprocessInfo:
         """The manifest's ``preprocess`` section."""
-        d = asdict(self)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
-        d["crop"] = "center" if self.resize_mode != "squash" else "none"
-        d["convert"] = "RGB before resize (see docs/bundle.md)"
-        d["antialias"] = True
-        return d
+        return PreprocessInfo(
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation,
+            resize_mode=self.resize_mode,
+            fill_color=self.fill_color,
+            exif_transpose=self.exif_transpose,
+            crop="center" if self.resize_mode != "squash" else "none",
+            convert="RGB before resize (see docs/bundle.md)",
+            antialias=True,
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
