@@ -22,6 +22,7 @@ weights (as ``fit`` would), and ``--json`` when asked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -253,14 +254,100 @@ def _config_section(out: _Printer, config: str | None, overrides: list[str]) -> 
     return sec, cfg
 
 
+def _profile(
+    out: _Printer, cfg: Any, task: Any, thresholds: Any, test_counts: list[int], *, list_classes: bool
+) -> tuple[dict[str, int], float | None]:
+    """The long-tail profile, the base / novel split and the validation split; the class table with
+    ``list_classes``. Returns the group sizes and the imbalance factor (None with an empty class)."""
+    from trainer.data.sampling import carve_validation
+    from trainer.metrics import group_sizes, shot_groups, thresholds_rule
+
+    d, names, counts = cfg.data, task.class_names, task.train_counts
+    nonzero = [c for c in counts if c > 0]
+    imbalance = (max(counts) / min(counts)) if counts and min(counts) > 0 else None
+    head = max(range(len(counts)), key=lambda c: counts[c]) if counts else 0
+    tail = max((c for c in range(len(counts)) if counts[c] == min(counts)), default=0)  # the last smallest
+    sizes = group_sizes(counts, thresholds)
+    if counts:
+        spread = (
+            f"balanced, {counts[0]} per class"
+            if min(counts) == max(counts)
+            else f"head {counts[head]} (class {head} {names[head]!r}), tail {counts[tail]} (class {tail} "
+            f"{names[tail]!r})"
+        )
+        out.line(
+            f"profile: {spread}, imbalance factor "
+            + (f"{imbalance:.1f}" if imbalance is not None else "undefined (empty classes)")
+            + f"; many {sizes['many']} / medium {sizes['medium']} / few {sizes['few']} classes "
+            f"({thresholds_rule(thresholds)})"
+        )
+    if task.novel_test is not None:
+        out.line(
+            f"base / novel: {len(names)} base classes, trained and tested against base names "
+            f"({_names(names, 4)}); {task.novel_test.num_classes} novel classes, tested only "
+            f"({_names(task.novel_test.class_names, 4)})"
+        )
+    if cfg.eval.select == "best_val" and nonzero:
+        _, val = carve_validation(task.train, cfg.eval.val_fraction, seed=d.seed)
+        out.line(f"validation (eval.select best_val): {_n(len(val))} of the training images held out")
+    if list_classes:
+        groups = shot_groups(counts, thresholds)
+        for c, name in enumerate(names):
+            out.line(
+                f"{c:>5}  {name:<40} train {counts[c]:>6}  test {test_counts[c]:>5}  {groups[c]}", indent=4
+            )
+    return sizes, imbalance
+
+
+def _file_faults(out: _Printer, sec: Section, problems: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The split-file lines naming a missing image and the training classes without images, as faults."""
+    missing = [f for f in problems if f.kind == "missing"]
+    empty = [f for f in problems if f.kind == "empty_class"]
+    if missing:
+        out.line(f"split files: {len(missing)} lines name a missing image:")
+        for f in missing:
+            sec.faults.append(str(f))
+            out.fault(str(f))
+    if empty:
+        out.line(f"{len(empty)} training class{'es' * (len(empty) != 1)} without images:")
+        for f in empty:
+            sec.faults.append(str(f))
+            out.fault(str(f))
+    return missing, empty
+
+
+def _decode(
+    out: _Printer, sec: Section, task: Any, *, workers: int | None, progress: bool
+) -> tuple[list[Any], int | None]:
+    """A full decode of every image file the task reads (none for in-memory data): the unreadable ones as
+    faults, and how many files were decoded."""
+    from trainer.data.checks import DataFault, scan_task, task_files_exist
+
+    unreadable: list[DataFault] = []
+    scanned: int | None = None
+    if not task_files_exist(task):
+        out.line("images: held in memory (no files to decode; the arrays were checked as they loaded)")
+    else:
+        unreadable, result = scan_task(task, workers=workers, progress=progress)
+        scanned = result.files
+        out.line(
+            f"decode: {_n(result.files)} image files, each decoded in full to RGB, in "
+            f"{format_seconds(result.seconds)} on {result.processes} process{'es' * (result.processes != 1)} "
+            f"({result.files / max(result.seconds, 1e-9):,.0f} images/s): {len(unreadable)} unreadable"
+        )
+        for f in unreadable:
+            sec.faults.append(str(f))
+            out.fault(str(f))
+    return unreadable, scanned
+
+
 def _data_section(
     out: _Printer, cfg: Any, *, workers: int | None, progress: bool, list_classes: bool
 ) -> tuple[Section, Any | None, DataSummary | None]:
     from trainer.data.base import class_counts
-    from trainer.data.checks import DataFault, drop_files, scan_task, task_files_exist
-    from trainer.data.sampling import carve_validation
+    from trainer.data.checks import DataFault, drop_files
     from trainer.data.tasks import task_from_config as build_task
-    from trainer.metrics import ShotThresholds, group_sizes, shot_groups, thresholds_rule
+    from trainer.metrics import ShotThresholds
 
     sec = Section("data")
     d = cfg.data
@@ -295,39 +382,7 @@ def _data_section(
     if task.novel_test is not None:
         line += f"; novel test: {_n(len(task.novel_test))} images"
     out.line(line + f"  [built in {format_seconds(built)}]")
-    nonzero = [c for c in counts if c > 0]
-    imbalance = (max(counts) / min(counts)) if counts and min(counts) > 0 else None
-    head = max(range(len(counts)), key=lambda c: counts[c]) if counts else 0
-    tail = max((c for c in range(len(counts)) if counts[c] == min(counts)), default=0)  # the last smallest
-    sizes = group_sizes(counts, thresholds)
-    if counts:
-        spread = (
-            f"balanced, {counts[0]} per class"
-            if min(counts) == max(counts)
-            else f"head {counts[head]} (class {head} {names[head]!r}), tail {counts[tail]} (class {tail} "
-            f"{names[tail]!r})"
-        )
-        out.line(
-            f"profile: {spread}, imbalance factor "
-            + (f"{imbalance:.1f}" if imbalance is not None else "undefined (empty classes)")
-            + f"; many {sizes['many']} / medium {sizes['medium']} / few {sizes['few']} classes "
-            f"({thresholds_rule(thresholds)})"
-        )
-    if task.novel_test is not None:
-        out.line(
-            f"base / novel: {len(names)} base classes, trained and tested against base names "
-            f"({_names(names, 4)}); {task.novel_test.num_classes} novel classes, tested only "
-            f"({_names(task.novel_test.class_names, 4)})"
-        )
-    if cfg.eval.select == "best_val" and nonzero:
-        _, val = carve_validation(task.train, cfg.eval.val_fraction, seed=d.seed)
-        out.line(f"validation (eval.select best_val): {_n(len(val))} of the training images held out")
-    if list_classes:
-        groups = shot_groups(counts, thresholds)
-        for c, name in enumerate(names):
-            out.line(
-                f"{c:>5}  {name:<40} train {counts[c]:>6}  test {test_counts[c]:>5}  {groups[c]}", indent=4
-            )
+    sizes, imbalance = _profile(out, cfg, task, thresholds, test_counts, list_classes=list_classes)
     fault_paths = {f.path for f in problems}
     sec.notes = [m for m in sec.notes if not any(p in m for p in fault_paths)]  # those are FAIL lines below
     for message in sec.notes:
@@ -338,34 +393,9 @@ def _data_section(
         sec.notes.append(note)
         out.note(note)
 
-    missing = [f for f in problems if f.kind == "missing"]
-    empty = [f for f in problems if f.kind == "empty_class"]
-    if missing:
-        out.line(f"split files: {len(missing)} lines name a missing image:")
-        for f in missing:
-            sec.faults.append(str(f))
-            out.fault(str(f))
-    if empty:
-        out.line(f"{len(empty)} training class{'es' * (len(empty) != 1)} without images:")
-        for f in empty:
-            sec.faults.append(str(f))
-            out.fault(str(f))
+    missing, empty = _file_faults(out, sec, problems)
 
-    unreadable: list[DataFault] = []
-    scanned: int | None = None
-    if not task_files_exist(task):
-        out.line("images: held in memory (no files to decode; the arrays were checked as they loaded)")
-    else:
-        unreadable, result = scan_task(task, workers=workers, progress=progress)
-        scanned = result.files
-        out.line(
-            f"decode: {_n(result.files)} image files, each decoded in full to RGB, in "
-            f"{format_seconds(result.seconds)} on {result.processes} process{'es' * (result.processes != 1)} "
-            f"({result.files / max(result.seconds, 1e-9):,.0f} images/s): {len(unreadable)} unreadable"
-        )
-        for f in unreadable:
-            sec.faults.append(str(f))
-            out.fault(str(f))
+    unreadable, scanned = _decode(out, sec, task, workers=workers, progress=progress)
     summary = DataSummary(
         kind=d.kind,
         classes=len(names),
@@ -471,82 +501,36 @@ def _cycle(loader: Any) -> Iterator[Any]:
             return
 
 
-def dry_run(
-    cfg: Any,
+def _timed_steps(
     model: Any,
-    loaded: Any,
-    task: Any,
+    loader: Any,
+    step: Any,
+    scheduler: Any,
     device: Any,
     *,
-    steps: int = 5,
-    warmup: int = 1,
-    progress: bool = True,
-    eval_batches: int = 3,
-) -> DryRun:
-    """Time ``warmup + steps`` optimizer steps of the run's training (its optimizer, loss, schedule,
-    augmentation, loader, batch size and precision) and a few evaluation batches, and project an epoch and
-    the whole run from them. Only the in-memory model changes."""
-    import torch
-    from torch.utils.data import RandomSampler
+    k: int,
+    count: int,
+    progress: bool,
+    sync: Any,
+) -> tuple[list[float], list[float]]:
+    """``count`` optimizer steps of ``k`` micro-batches each (``step(group)``): each step's seconds, and the
+    part of it spent waiting for the loader."""
     from tqdm import tqdm
 
-    from trainer.data.base import Transformed, class_counts
-    from trainer.data.sampling import carve_validation
-    from trainer.engine import autocast_factory, train_step
-    from trainer.optim import TWO_PASS
-    from trainer.training import (
-        build_train_loader,
-        build_training,
-        optimizer_steps_per_epoch,
-        resolve_precision,
-    )
-    from trainer.transforms import build_transform
-
-    precision = resolve_precision(cfg.train.precision, device.type, cfg.optim.name, cfg.prompt.vpt_length)
-    autocast = autocast_factory(device, precision)
-    spec = loaded.preprocess
-    train = task.train
-    val = None
-    if cfg.eval.select == "best_val":
-        train, val = carve_validation(task.train, cfg.eval.val_fraction, seed=cfg.data.seed)
-    counts = class_counts(train.targets, train.num_classes)
-    model.set_class_names(task.class_names)
-    train_ds = Transformed(train, build_transform(spec, train=cfg.data.augment))
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    loader = build_train_loader(train_ds, cfg.data, RandomSampler(train_ds, generator=generator), device)
-    optimizer, scheduler, loss_fn = build_training(cfg, model, counts, len(loader), device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    k = cfg.optim.accumulation if cfg.optim.name not in TWO_PASS else 1
-    cuda = device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
     batches = _cycle(loader)
     times: list[float] = []
     waits: list[float] = []
     model.train()
-    bar = tqdm(total=warmup + steps, desc="dry run", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=count, desc="dry run", unit="step", disable=not progress, leave=False)
     try:
-        for _ in range(warmup + steps):
+        for _ in range(count):
             t0 = time.perf_counter()
             group = []
             for _ in range(k):
                 x, y = next(batches)
                 group.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
             t1 = time.perf_counter()
-            train_step(
-                model,
-                group,
-                loss_fn,
-                optimizer,
-                scaler=scaler,
-                autocast=autocast,
-                grad_clip=cfg.optim.grad_clip,
-            )
+            step(group)
             scheduler.step()
             sync()
             times.append(time.perf_counter() - t0)
@@ -555,29 +539,51 @@ def dry_run(
     finally:
         bar.close()
         del batches  # stops the loader's workers
+    return times, waits
+
+
+def _no_sync() -> None:
+    """Nothing to wait for off CUDA."""
+
+
+def _peak_memory(device: Any) -> tuple[int, int | None, str]:
+    """Peak memory so far: CUDA peak allocated (and the device's total) or this process's peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(device))
+        return peak, int(torch.cuda.get_device_properties(device).total_memory), "CUDA peak allocated"
+    return _peak_rss_bytes(), None, "peak RSS of this process"
+
+
+def _projection(
+    cfg: Any,
+    device: Any,
+    precision: str,
+    times: list[float],
+    waits: list[float],
+    *,
+    warmup: int,
+    k: int,
+    batches: int,
+    eval_one: float,
+    best_val: bool,
+) -> DryRun:
+    """The dry run's figures: the timed steps (after ``warmup``), an epoch and the whole run projected."""
+    from trainer.training import optimizer_steps_per_epoch
+
+    peak, total, kind = _peak_memory(device)  # training steps and evaluation batches alike
     timed = times[warmup:] or times
     step = sum(timed) / len(timed)
-    per_epoch = optimizer_steps_per_epoch(len(loader), k)
+    per_epoch = optimizer_steps_per_epoch(batches, k)
     # every epoch starts the loader again: its first batch's wait (workers starting) recurs per epoch
     epoch_overhead = max(0.0, waits[0] - sum(waits[warmup:] or waits) / len(waits[warmup:] or waits))
     epoch = per_epoch * step + (epoch_overhead if cfg.data.num_workers > 0 else 0.0)
 
-    eval_one = _time_evaluation(model, task, spec, device, cfg, autocast, eval_batches, sync)
-    if val is not None:
-        eval_one += _time_split(model, val, task.class_names, spec, device, cfg, autocast, eval_batches, sync)
-    if cuda:  # training steps and evaluation batches alike
-        peak = int(torch.cuda.max_memory_allocated(device))
-        total: int | None = int(torch.cuda.get_device_properties(device).total_memory)
-        kind = "CUDA peak allocated"
-    else:
-        peak, total, kind = _peak_rss_bytes(), None, "peak RSS of this process"
     every = cfg.train.eval_every
     epochs = cfg.train.epochs
     evaluated = {e for e in range(1, epochs + 1) if e % every == 0} | {epochs}
-    evaluations = 1 + len(evaluated) + (1 if val is not None else 0)  # zero-shot first, best_val re-evaluates
-    model.eval()
-    with contextlib.suppress(Exception):
-        optimizer.zero_grad(set_to_none=True)
+    evaluations = 1 + len(evaluated) + (1 if best_val else 0)  # zero-shot first, best_val re-evaluates
     return DryRun(
         device=str(device),
         precision=precision,
@@ -601,6 +607,87 @@ def dry_run(
         evaluations=evaluations,
         epochs=epochs,
         run_seconds=epochs * epoch + evaluations * eval_one,
+    )
+
+
+def dry_run(
+    cfg: Any,
+    model: Any,
+    loaded: Any,
+    task: Any,
+    device: Any,
+    *,
+    steps: int = 5,
+    warmup: int = 1,
+    progress: bool = True,
+    eval_batches: int = 3,
+) -> DryRun:
+    """Time ``warmup + steps`` optimizer steps of the run's training (its optimizer, loss, schedule,
+    augmentation, loader, batch size and precision) and a few evaluation batches, and project an epoch and
+    the whole run from them. Only the in-memory model changes."""
+    import torch
+    from torch.utils.data import RandomSampler
+
+    from trainer.data.base import Transformed, class_counts
+    from trainer.data.sampling import carve_validation
+    from trainer.engine import autocast_factory, train_step
+    from trainer.optim import TWO_PASS
+    from trainer.training import (
+        build_train_loader,
+        build_training,
+        resolve_precision,
+    )
+    from trainer.transforms import build_transform
+
+    precision = resolve_precision(cfg.train.precision, device.type, cfg.optim.name, cfg.prompt.vpt_length)
+    autocast = autocast_factory(device, precision)
+    spec = loaded.preprocess
+    train = task.train
+    val = None
+    if cfg.eval.select == "best_val":
+        train, val = carve_validation(task.train, cfg.eval.val_fraction, seed=cfg.data.seed)
+    counts = class_counts(train.targets, train.num_classes)
+    model.set_class_names(task.class_names)
+    train_ds = Transformed(train, build_transform(spec, train=cfg.data.augment))
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loader = build_train_loader(train_ds, cfg.data, RandomSampler(train_ds, generator=generator), device)
+    optimizer, scheduler, loss_fn = build_training(cfg, model, counts, len(loader), device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    k = cfg.optim.accumulation if cfg.optim.name not in TWO_PASS else 1
+
+    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else _no_sync
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, waits = _timed_steps(
+        model,
+        loader,
+        lambda group: train_step(
+            model, group, loss_fn, optimizer, scaler=scaler, autocast=autocast, grad_clip=cfg.optim.grad_clip
+        ),
+        scheduler,
+        device,
+        k=k,
+        count=warmup + steps,
+        progress=progress,
+        sync=sync,
+    )
+    eval_one = _time_evaluation(model, task, spec, device, cfg, autocast, eval_batches, sync)
+    if val is not None:
+        eval_one += _time_split(model, val, task.class_names, spec, device, cfg, autocast, eval_batches, sync)
+    model.eval()
+    with contextlib.suppress(Exception):
+        optimizer.zero_grad(set_to_none=True)
+    return _projection(
+        cfg,
+        device,
+        precision,
+        times,
+        waits,
+        warmup=warmup,
+        k=k,
+        batches=len(loader),
+        eval_one=eval_one,
+        best_val=val is not None,
     )
 
 
