@@ -271,9 +271,3 @@ def evaluate_toy_clip(
         _logger.info("toy task (%s): %s", domain, {k: round(v, 4) for k, v in row.items()})
         results[domain] = row
     return results
-
-
-if __name__ == "__main__":
-    from trainer.toyworld.cli import evaluate_main
-
-    raise SystemExit(evaluate_main())

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,6 +212,155 @@ def _loadavg() -> float | None:
         return None
 
 
+def _optimizer(
+    model: torch.nn.Module,
+    table: torch.nn.Parameter,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    steps: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (decay on matrices only; none on gains, biases, embeddings, ``logit_scale`` and the token table),
+    linear warm-up for ``warmup_steps`` then cosine to 0 at ``steps``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embedding" in name or name == "logit_scale":
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": [*no_decay, table], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return optimizer, scheduler
+
+
+def _train_loop(
+    model: Any,
+    table: torch.nn.Parameter,
+    tokens: CaptionTokens,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    images: torch.Tensor,
+    scenes: Any,
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    progress: bool,
+    quick_eval: Callable[[], str],
+) -> tuple[list[float], float]:
+    """``steps`` contrastive steps over the rendered pool (reshuffled each pass, a fresh caption per draw):
+    the per-step losses and the seconds it took."""
+    order_rng = np.random.default_rng([seed, 7919])
+    pool_size = len(images)
+    order = order_rng.permutation(pool_size)
+    cursor = 0
+    max_scale = math.log(100.0)
+    losses: list[float] = []
+    t_train = time.perf_counter()
+    bar = tqdm(range(steps), desc="pretrain toy CLIP", disable=not progress, mininterval=2)
+    for step in bar:
+        if cursor + batch_size > pool_size:
+            order = order_rng.permutation(pool_size)
+            cursor = 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        rng = item_rng(seed, Split.CAPTION, step)
+        texts = [caption(scenes[i], rng) for i in idx]
+        local_ids, eot = tokens.batch(texts)
+        caption_ids = torch.tensor(np.unique(np.array(texts), return_inverse=True)[1])
+
+        img_f = model.encode_image(images[torch.from_numpy(idx)], normalize=True)
+        txt_f = _encode_text_prefix(model, table, local_ids, eot)
+        logits = model.logit_scale.exp() * img_f @ txt_f.T
+        loss = _multi_positive_infonce(logits, caption_ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, max_scale)
+        losses.append(float(loss.detach()))
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(
+                loss=f"{np.mean(losses[-50:]):.3f}", scale=f"{float(model.logit_scale.exp()):.1f}"
+            )
+        if step % 250 == 0 or step == steps - 1:
+            _logger.info(
+                "step %d/%d loss %.4f logit_scale %.1f lr %.2e",
+                step + 1,
+                steps,
+                np.mean(losses[-50:]),
+                float(model.logit_scale.exp()),
+                scheduler.get_last_lr()[0],
+            )
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            _logger.info(
+                "step %d clean zero-shot: %s",
+                step + 1,
+                quick_eval(),
+            )
+    train_s = time.perf_counter() - t_train
+    return losses, train_s
+
+
+def _metadata(
+    model: Any,
+    losses: list[float],
+    clean: dict[str, float],
+    *,
+    recipe: dict[str, object],
+    seconds: tuple[float, float, float, float],
+    load_start: float | None,
+) -> dict[str, object]:
+    """What the compact checkpoint records of its pretraining (plain JSON types: the file must load with
+    ``weights_only``): the recipe, versions, machine, times (render, train, wall, CPU) and clean metrics."""
+    import open_clip
+
+    render_s, train_s, wall_s, cpu_s = seconds
+    meta: dict[str, Any] = {
+        "recipe": {
+            **recipe,
+            "domain": "clean",
+            "loss": "symmetric multi-positive InfoNCE, learnable logit_scale (max 100)",
+        },
+        "model": TOY_MODEL_NAME,
+        "config": json.loads(TOY_MODEL_CONFIG.read_text()),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "render_s": round(render_s, 1),
+        "train_s": round(train_s, 1),
+        "final_loss": float(np.mean(losses[-50:])),
+        "logit_scale": float(model.logit_scale.exp()),
+        "clean_eval": clean,
+        "vocabulary": vocabulary(),
+    }
+    meta["wall_time_s"] = round(wall_s, 1)
+    meta["cpu_time_s"] = round(cpu_s, 1)  # all threads of this process
+    meta["cpu_count"] = os.cpu_count()
+    meta["loadavg_1min_start_end"] = [load_start, _loadavg()]
+    return json.loads(json.dumps(meta, default=str))  # plain types only: the file must load with weights_only
+
+
 def pretrain(
     out: Path | None = TOY_MODEL_CHECKPOINT,
     seed: int = 0,
@@ -273,80 +423,22 @@ def pretrain(
     render_s = time.perf_counter() - t0
     _logger.info("rendered %d + %d clean images in %.1f s", pool_size, eval_size, render_s)
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embedding" in name or name == "logit_scale":
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": [*no_decay, table], "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
+    optimizer, scheduler = _optimizer(model, table, lr, weight_decay, warmup_steps, steps)
+    losses, train_s = _train_loop(
+        model,
+        table,
+        tokens,
+        optimizer,
+        scheduler,
+        images,
+        scenes,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        progress=progress,
+        quick_eval=lambda: _quick_eval(model, table, used_ids, eval_pixels, eval_scenes),
     )
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    order_rng = np.random.default_rng([seed, 7919])
-    order = order_rng.permutation(pool_size)
-    cursor = 0
-    max_scale = math.log(100.0)
-    losses: list[float] = []
-    t_train = time.perf_counter()
-    bar = tqdm(range(steps), desc="pretrain toy CLIP", disable=not progress, mininterval=2)
-    for step in bar:
-        if cursor + batch_size > pool_size:
-            order = order_rng.permutation(pool_size)
-            cursor = 0
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        rng = item_rng(seed, Split.CAPTION, step)
-        texts = [caption(scenes[i], rng) for i in idx]
-        local_ids, eot = tokens.batch(texts)
-        caption_ids = torch.tensor(np.unique(np.array(texts), return_inverse=True)[1])
-
-        img_f = model.encode_image(images[torch.from_numpy(idx)], normalize=True)
-        txt_f = _encode_text_prefix(model, table, local_ids, eot)
-        logits = model.logit_scale.exp() * img_f @ txt_f.T
-        loss = _multi_positive_infonce(logits, caption_ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, max_scale)
-        losses.append(float(loss.detach()))
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(
-                loss=f"{np.mean(losses[-50:]):.3f}", scale=f"{float(model.logit_scale.exp()):.1f}"
-            )
-        if step % 250 == 0 or step == steps - 1:
-            _logger.info(
-                "step %d/%d loss %.4f logit_scale %.1f lr %.2e",
-                step + 1,
-                steps,
-                np.mean(losses[-50:]),
-                float(model.logit_scale.exp()),
-                scheduler.get_last_lr()[0],
-            )
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            _logger.info(
-                "step %d clean zero-shot: %s",
-                step + 1,
-                _quick_eval(model, table, used_ids, eval_pixels, eval_scenes),
-            )
-    train_s = time.perf_counter() - t_train
 
     with torch.no_grad():
         model.token_embedding.weight[torch.tensor(used_ids)] = table.detach()
@@ -354,8 +446,11 @@ def pretrain(
     clean = clean_retrieval(model, eval_pixels, eval_scenes, seed)
     _logger.info("clean held-out: %s", {k: round(v, 4) for k, v in clean.items()})
 
-    meta: dict[str, Any] = {
-        "recipe": {
+    meta = _metadata(
+        model,
+        losses,
+        clean,
+        recipe={
             "seed": seed,
             "steps": steps,
             "batch_size": batch_size,
@@ -363,27 +458,10 @@ def pretrain(
             "weight_decay": weight_decay,
             "warmup_steps": warmup_steps,
             "pool_size": pool_size,
-            "domain": "clean",
-            "loss": "symmetric multi-positive InfoNCE, learnable logit_scale (max 100)",
         },
-        "model": TOY_MODEL_NAME,
-        "config": json.loads(TOY_MODEL_CONFIG.read_text()),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "render_s": round(render_s, 1),
-        "train_s": round(train_s, 1),
-        "final_loss": float(np.mean(losses[-50:])),
-        "logit_scale": float(model.logit_scale.exp()),
-        "clean_eval": clean,
-        "vocabulary": vocabulary(),
-    }
-    meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    meta["cpu_time_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
-    meta["cpu_count"] = os.cpu_count()
-    meta["loadavg_1min_start_end"] = [load_start, _loadavg()]
-    meta = json.loads(json.dumps(meta, default=str))  # plain types only: the file must load with weights_only
+        seconds=(render_s, train_s, time.perf_counter() - t0, time.process_time() - cpu0),
+        load_start=load_start,
+    )
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -397,9 +475,3 @@ def pretrain(
         metrics["downstream"] = evaluate_toy_clip(model, seed=seed)
         metrics["wall_time_with_downstream_s"] = round(time.perf_counter() - t0, 1)
     return metrics
-
-
-if __name__ == "__main__":
-    from trainer.toyworld.cli import pretrain_main
-
-    raise SystemExit(pretrain_main())
