@@ -19,7 +19,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -326,7 +326,7 @@ def _metadata(
     losses: list[float],
     clean: dict[str, float],
     *,
-    recipe: dict[str, object],
+    recipe: Mapping[str, object],
     seconds: tuple[float, float, float, float],
     load_start: float | None,
 ) -> dict[str, object]:
@@ -361,6 +361,40 @@ def _metadata(
     return json.loads(json.dumps(meta, default=str))  # plain types only: the file must load with weights_only
 
 
+def _fresh_model() -> tuple[Any, list[int], torch.nn.Parameter]:
+    """The toy CLIP at random init (in training mode), the token ids of the world's vocabulary, and their
+    embedding rows as the trained table (the full embedding stays frozen)."""
+    import open_clip
+
+    ensure_toy_model_registered()
+    model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None)
+    model.train()
+    used_ids = vocabulary_token_ids()
+    model.token_embedding.weight.requires_grad_(False)
+    table = torch.nn.Parameter(model.token_embedding.weight.detach()[torch.tensor(used_ids)].clone())
+    return model, used_ids, table
+
+
+def _save(model: Any, out: Path, used_ids: list[int], meta: dict[str, object]) -> dict[str, object]:
+    """Save the compact checkpoint; where it went and its size."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_compact_clip(model, out, used_ids, meta)
+    _logger.info("saved %s (%.2f MB)", out, out.stat().st_size / 1e6)
+    return {"checkpoint": str(out), "checkpoint_bytes": out.stat().st_size}
+
+
+def _finish(
+    model: Any, table: torch.nn.Parameter, used_ids: list[int], eval_pixels: Any, eval_scenes: Any, seed: int
+) -> dict[str, float]:
+    """Write the trained token table into the embedding, switch to eval mode and measure clean retrieval."""
+    with torch.no_grad():
+        model.token_embedding.weight[torch.tensor(used_ids)] = table.detach()
+    model.eval()
+    clean = clean_retrieval(model, eval_pixels, eval_scenes, seed)
+    _logger.info("clean held-out: %s", {k: round(v, 4) for k, v in clean.items()})
+    return clean
+
+
 def pretrain(
     out: Path | None = TOY_MODEL_CHECKPOINT,
     seed: int = 0,
@@ -381,48 +415,32 @@ def pretrain(
     Args:
         out: where to write the compact checkpoint (None: do not save).
         seed: seeds torch, the rendered pool, batch order and captions.
-        steps: optimizer steps.
-        batch_size: image-caption pairs per step.
-        lr: peak AdamW learning rate (linear warm-up for ``warmup_steps``, then cosine to 0).
-        weight_decay: AdamW decay for matrices (not for gains, biases, embeddings or ``logit_scale``).
+        steps, batch_size: optimizer steps, and image-caption pairs per step.
+        lr, weight_decay, warmup_steps: AdamW (see :func:`_optimizer`).
         pool_size: clean images rendered once and reused; each gets a fresh caption every time it is drawn.
         eval_size: held-out clean images for the retrieval / 64-way zero-shot metrics.
-        threads: ``torch.set_num_threads`` (None: torch's default).
+        threads, progress: ``torch.set_num_threads`` (None: torch's default); tqdm bars.
         evaluate_downstream: also measure zero-shot and the linear probe on the toy task (both domains).
         eval_every: log the clean 64-way zero-shot accuracy on 512 held-out images every this many steps
             (0: never).
-        progress: show tqdm bars.
 
     Returns:
-        ``{"pretrain": {...}, "clean_eval": {...}, "downstream": {...}, "wall_time_s": ..., ...}``.
+        The checkpoint's metadata (:func:`_metadata`: ``recipe``, ``clean_eval``, times, ...), plus
+        ``checkpoint`` / ``checkpoint_bytes`` when saved and ``downstream`` when evaluated.
     """
-    import open_clip
-
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    load_start = _loadavg()
+    t0, cpu0, load_start = time.perf_counter(), time.process_time(), _loadavg()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    ensure_toy_model_registered()
-    model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None)
-    model.train()
+    model, used_ids, table = _fresh_model()
     spec = preprocess_spec(model)
-    image_size = spec.image_size
-
-    used_ids = vocabulary_token_ids()
-    tokens = CaptionTokens(used_ids)
-    model.token_embedding.weight.requires_grad_(False)
-    table = torch.nn.Parameter(model.token_embedding.weight.detach()[torch.tensor(used_ids)].clone())
-
+    image_size, tokens = spec.image_size, CaptionTokens(used_ids)
     pixels, scenes = _render_pool(seed, Split.PRETRAIN, pool_size, image_size, progress)
     eval_pixels, eval_scenes = _render_pool(seed, Split.PRETRAIN_EVAL, eval_size, image_size, progress)
     images = pixels_to_tensor(pixels, spec)  # [N, 3, S, S] float32
-
     del pixels
     render_s = time.perf_counter() - t0
     _logger.info("rendered %d + %d clean images in %.1f s", pool_size, eval_size, render_s)
-
     optimizer, scheduler = _optimizer(model, table, lr, weight_decay, warmup_steps, steps)
     losses, train_s = _train_loop(
         model,
@@ -439,38 +457,17 @@ def pretrain(
         progress=progress,
         quick_eval=lambda: _quick_eval(model, table, used_ids, eval_pixels, eval_scenes),
     )
-
-    with torch.no_grad():
-        model.token_embedding.weight[torch.tensor(used_ids)] = table.detach()
-    model.eval()
-    clean = clean_retrieval(model, eval_pixels, eval_scenes, seed)
-    _logger.info("clean held-out: %s", {k: round(v, 4) for k, v in clean.items()})
-
+    clean = _finish(model, table, used_ids, eval_pixels, eval_scenes, seed)
     meta = _metadata(
         model,
         losses,
         clean,
-        recipe={
-            "seed": seed,
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-            "pool_size": pool_size,
-        },
+        recipe=dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+        | dict(warmup_steps=warmup_steps, pool_size=pool_size),
         seconds=(render_s, train_s, time.perf_counter() - t0, time.process_time() - cpu0),
         load_start=load_start,
     )
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_compact_clip(model, out, used_ids, meta)
-        _logger.info("saved %s (%.2f MB)", out, out.stat().st_size / 1e6)
-    metrics = dict(meta)
-    if out is not None:
-        metrics["checkpoint"] = str(out)
-        metrics["checkpoint_bytes"] = out.stat().st_size
+    metrics = dict(meta) if out is None else {**meta, **_save(model, Path(out), used_ids, meta)}
     if evaluate_downstream:  # not stored in the checkpoint: it depends on the downstream domain, not on it
         metrics["downstream"] = evaluate_toy_clip(model, seed=seed)
         metrics["wall_time_with_downstream_s"] = round(time.perf_counter() - t0, 1)
