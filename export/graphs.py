@@ -170,7 +170,7 @@ def _export(
     _logger.info("exported %s with the %s exporter (opset %d)", path.name, kind, opset)
 
 
-def check_graph(path: Path) -> dict[str, Any]:
+def check_graph(path: Path) -> dict[str, object]:
     """``onnx.checker`` on the saved file; returns a short description (opset, inputs, outputs, nodes)."""
     import onnx
 

@@ -31,7 +31,7 @@ import resource
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,16 +96,16 @@ class DataSummary:
     group_sizes: dict[str, int]
     imbalance_factor: float | None
     scanned_files: int | None
-    unreadable: list[dict[str, Any]]
-    missing: list[dict[str, Any]]
-    empty_classes: list[dict[str, Any]]
+    unreadable: list[dict[str, str | int]]
+    missing: list[dict[str, str | int]]
+    empty_classes: list[dict[str, str | int]]
 
 
 @dataclass
 class CheckReport:
     sections: list[Section] = field(default_factory=list)
     data: DataSummary | None = None
-    weights: dict[str, Any] | None = None
+    weights: dict[str, object] | None = None  # where the weights come from and whether they load
     dry_run: DryRun | None = None
 
     @property
@@ -116,7 +116,7 @@ class CheckReport:
     def exit_code(self) -> int:
         return EXIT_OK if self.ok else EXIT_FAILED
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "ok": self.ok,
             "sections": [{**asdict(s), "ok": s.ok} for s in self.sections],
@@ -160,10 +160,10 @@ def _per_class(counts: list[int]) -> str:
     return f"{lo} per class" if lo == hi else f"{hi} .. {lo} per class"
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
+        if isinstance(v, Mapping):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -418,7 +418,7 @@ def _data_section(
 
 def _weights_section(
     out: _Printer, cfg: Any, device: Any, *, download: bool
-) -> tuple[Section, Any | None, Any | None, dict[str, Any] | None]:
+) -> tuple[Section, Any | None, Any | None, dict[str, object] | None]:
     import torch
 
     from trainer.models import ensure_toy_model_registered, register_model_config
@@ -439,7 +439,7 @@ def _weights_section(
         out.fault(str(e))
         return sec, None, None, None
     source = locate_weights(m.name, m.pretrained)
-    info: dict[str, Any] = {
+    info: dict[str, object] = {
         "source": source.kind,
         "detail": source.detail,
         "path": source.path,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -51,6 +51,16 @@ class VisualPrompts(nn.Module):
         if self.deep:
             return list(self.prompts.unbind(0))
         return [self.prompts[0]] + [None] * (self.num_layers - 1)
+
+
+class PromptSpec(TypedDict):
+    """:meth:`PromptedCLIP.spec`: the prompt constructor arguments (stored in the checkpoint)."""
+
+    n_ctx: int
+    ctx_init: str | None
+    vpt_length: int
+    vpt_deep: bool
+    template: str
 
 
 class PromptedCLIP(nn.Module):
@@ -162,7 +172,7 @@ class PromptedCLIP(nn.Module):
                     )
                 p.copy_(state[n])
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> PromptSpec:
         """The constructor arguments (beside clip and tokenizer) that rebuild this module."""
         return {
             "n_ctx": self.n_ctx,

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -53,7 +53,8 @@ class DataFault:
         split = f" [{self.split}]" if self.split else ""
         return f"{where}{self.path}: {self.reason}{split}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, str | int]:
+        """The fault's set fields (empty ones left out), for ``summary.json`` and the check report."""
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
 
@@ -228,7 +229,7 @@ def empty_class_faults(task: TaskData) -> list[DataFault]:
     ]
 
 
-def skipped_summary(skipped: Sequence[DataFault]) -> dict[str, Any]:
+def skipped_summary(skipped: Sequence[DataFault]) -> dict[str, object]:
     """What ``summary.json`` records of the files ``data.skip_unreadable`` left out."""
     return {
         "skip_unreadable": True,
@@ -252,8 +253,9 @@ class CheckedTask:
     scanned_files: int | None  # image files decoded before the run (None: in memory, or the scan off)
     skipped: list[DataFault]  # left out by skip_unreadable
 
-    def summary(self, skip_unreadable: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {"scanned_files": self.scanned_files, "skip_unreadable": skip_unreadable}
+    def summary(self, skip_unreadable: bool) -> dict[str, object]:
+        """``summary.json``'s ``data_check``: files decoded before the run, and what was left out."""
+        out: dict[str, object] = {"scanned_files": self.scanned_files, "skip_unreadable": skip_unreadable}
         return {**out, **skipped_summary(self.skipped)} if self.skipped else {**out, "skipped_files": 0}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -236,7 +236,7 @@ def evaluate_toy_clip(
     test_per_class: int = 25,
     domains: Sequence[str] = ("shifted", "clean"),
     tuning_proxies: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, dict[str, float]]:
     """Zero-shot base / novel accuracy on the toy task in each domain, and the tuning proxies on base.
 
     Returns ``{domain: {...}}`` with ``zero_shot_base``, ``zero_shot_novel``, ``chance_base``,
@@ -245,7 +245,7 @@ def evaluate_toy_clip(
     logit-adjusted), all trained on the long-tailed training set and tested on the balanced base test set;
     ``vpt_probe_novel``: those visual prompts with the zero-shot embeddings of the novel names.
     """
-    results: dict[str, Any] = {}
+    results: dict[str, dict[str, float]] = {}
     for domain in domains:
         task = toy_task(seed=seed, n_max=n_max, test_per_class=test_per_class, domain=domain)
         assert task.novel_test is not None

@@ -335,7 +335,7 @@ def _metadata(
     import open_clip
 
     render_s, train_s, wall_s, cpu_s = seconds
-    meta: dict[str, Any] = {
+    meta: dict[str, object] = {
         "recipe": {
             **recipe,
             "domain": "clean",
@@ -409,7 +409,7 @@ def pretrain(
     evaluate_downstream: bool = True,
     eval_every: int = 500,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """Pretrain the toy CLIP on the clean world, save it in the compact format and return its metrics.
 
     Args:
