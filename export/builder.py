@@ -427,11 +427,12 @@ def export_bundle(
             raise ExportError(f"the exported bundle does not load in the runtime: {e}") from e
         report = _measure(source, bundle, bank, pre, opts, tmp)
         timings["parity_s"] = time.perf_counter() - t1
+        kind, seed = source.extra.get("data_kind"), source.extra.get("data_seed", 0)
         try:
             choice = text_paths.choose_default(
                 bundle,
-                source.extra.get("data_kind"),
-                int(source.extra.get("data_seed", 0)),
+                kind if isinstance(kind, str) else None,
+                seed if isinstance(seed, int) else 0,
                 opts.default_text_path,
             )
         except ValueError as e:

@@ -47,7 +47,7 @@ class ExportSource:
     kind: str
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
     handwritten_template: str | None = None
 
     def __post_init__(self) -> None:
